@@ -1,0 +1,1 @@
+"""Flax NNX sublayers. Each takes ``(b, l, d_model)`` and returns the same shape."""
