@@ -1,0 +1,201 @@
+"""Causal grouped-query self-attention with optional (partial) RoPE and packed-sequence support.
+
+The layer is split so a cached decode step can reuse the pieces: ``qkv`` (projections + RoPE),
+``attend`` (the attention core: XLA / cuDNN via ``jax.nn.dot_product_attention``, or Pallas splash
+attention on TPU) and ``out`` (output projection). ``__call__`` is ``out(attend(*qkv(x)))``.
+
+Shapes: ``b`` batch, ``l`` length, ``h`` query heads, ``g`` kv heads, ``d`` head dim.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jamba_jax.config import AttentionConfig
+from jamba_jax.layers.common import dense
+from jamba_jax.ops import segment_starts
+
+AttentionImpl = Literal["auto", "xla", "splash"]
+ATTENTION_IMPLS: tuple[str, ...] = ("auto", "xla", "splash")
+
+
+# ----------------------------------------------------------------------------------------------- RoPE
+
+def rotary_dim(cfg: AttentionConfig) -> int:
+    """Number of leading head dims that RoPE rotates (0 without RoPE)."""
+    return 0 if cfg.rope is None else int(cfg.head_dim * cfg.rope.fraction)
+
+
+def rope_cos_sin(positions: jax.Array, rot_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """``cos, sin`` of shape ``(b, l, rot_dim // 2)`` (float32) for integer ``positions (b, l)``."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, rot_dim, 2, dtype=jnp.float32) / rot_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(freqs), jnp.sin(freqs)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate the first ``2 * cos.shape[-1]`` dims of ``x (b, l, heads, d)``; the rest pass through.
+
+    Half-split ("rotate_half") convention as in transformers' Llama/Bamba: dim ``i`` pairs with
+    ``i + rot_dim / 2``. Computed in float32, returned in ``x.dtype``.
+    """
+    half = cos.shape[-1]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2, rest = xf[..., :half], xf[..., half:2 * half], xf[..., 2 * half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
+    return out.astype(x.dtype)
+
+
+# ------------------------------------------------------------------------------------ attention cores
+
+def _document_ids(segment_ids: jax.Array) -> jax.Array:
+    """Renumber segments as runs (``0, 1, ...`` per row): a new document starts wherever the id
+    changes, as in ``jamba_jax.ops``; a repeated id after a different one is a new document."""
+    return jnp.cumsum(segment_starts(segment_ids).astype(jnp.int32), axis=1)
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """Causal GQA through ``jax.nn.dot_product_attention`` (XLA, or cuDNN where it picks it).
+
+    q ``(b, l, h, d)``, k/v ``(b, l, g, d)`` with ``h % g == 0``; ``segment_ids (b, l)`` restricts
+    attention to the same document. Returns ``(b, l, h, d)``.
+    """
+    mask = None
+    if segment_ids is not None:
+        doc = _document_ids(segment_ids)
+        mask = (doc[:, :, None] == doc[:, None, :])[:, None]  # (b, 1, l, l)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=None)
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None, *,
+                     max_block: int = 512, interpret=None) -> jax.Array:
+    """Causal GQA through Pallas splash attention (TPU), same contract as ``xla_attention``.
+
+    ``l`` is padded at the end to a multiple of the block (``min(max_block, round_up(l, 128))``);
+    causality keeps real queries off the padding. ``interpret``: ``None`` means interpret mode
+    everywhere but on TPU (for tests); ``True`` or a ``pltpu.InterpretParams`` force it. Not
+    sharding-aware: under a multi-device mesh, call it inside ``shard_map`` over batch/heads.
+    """
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    b, l, h, d = q.shape
+    if max_block % 128:
+        raise ValueError(f"splash_attention: max_block={max_block} must be a multiple of 128")
+    block = min(max_block, _round_up(l, 128))
+    lp = _round_up(l, block)
+    pad = [(0, 0), (0, lp - l), (0, 0), (0, 0)]
+    # splash applies no softmax scale; (b, l, heads, d) -> (b, heads, lp, d)
+    q = jnp.pad(q * jnp.asarray(d ** -0.5, q.dtype), pad).transpose(0, 2, 1, 3)
+    k = jnp.pad(k, pad).transpose(0, 2, 1, 3)
+    v = jnp.pad(v, pad).transpose(0, 2, 1, 3)
+
+    mask = sa.MultiHeadMask([sa.CausalMask((lp, lp)) for _ in range(h)])
+    blocks = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                           block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                           block_q_dq=block, block_kv_dq=block)
+    kernel = sa.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1,
+                                interpret=interpret)
+    if segment_ids is None:
+        out = jax.vmap(kernel)(q, k, v)
+    else:
+        doc = jnp.pad(_document_ids(segment_ids), [(0, 0), (0, lp - l)], mode="edge")
+        out = jax.vmap(kernel)(q, k, v, sa.SegmentIds(q=doc, kv=doc))
+    return out.transpose(0, 2, 1, 3)[:, :l]
+
+
+def resolve_impl(impl: str) -> str:
+    """``"auto"`` -> ``"splash"`` on TPU, ``"xla"`` elsewhere."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl={impl!r}: expected one of {ATTENTION_IMPLS}")
+    if impl == "auto":
+        return "splash" if jax.default_backend() == "tpu" else "xla"
+    return impl
+
+
+# ------------------------------------------------------------------------------------------- module
+
+class Attention(nnx.Module):
+    """Causal GQA self-attention, ``(b, l, d_model) -> (b, l, d_model)``, scale ``1/sqrt(head_dim)``.
+
+    Parameters (kernels ``(in, out)``): ``q_proj`` ``(d_model, h*d)`` ('embed', 'heads'),
+    ``k_proj``/``v_proj`` ``(d_model, g*d)`` ('embed', 'kv_heads'), ``o_proj`` ``(h*d, d_model)``
+    ('heads', 'embed'). Head ``i`` is columns ``[i*d, (i+1)*d)``; query head ``i`` uses kv head
+    ``i // (h // g)`` (transformers' ``repeat_kv`` order).
+
+    ``impl``: ``"auto"`` (splash on TPU, else XLA), ``"xla"`` or ``"splash"``; ``splash_block``
+    caps the splash block size; ``interpret`` is passed to splash (``None``: auto).
+    """
+
+    def __init__(self, cfg: AttentionConfig, d_model: int, *, impl: AttentionImpl = "auto",
+                 splash_block: int = 512, interpret=None, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        resolve_impl(impl)  # validate early
+        rot = rotary_dim(cfg)
+        if cfg.rope is not None and (rot < 2 or rot % 2):
+            raise ValueError(f"invalid config: attention.rope.fraction={cfg.rope.fraction!r}: "
+                             f"head_dim * fraction = {rot} rotary dims, must be even and >= 2")
+        self.cfg = cfg
+        self.d_model = d_model
+        self.impl = impl
+        self.splash_block = splash_block
+        self.interpret = interpret
+        self.dtype = dtype
+        h, g, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = dense(d_model, h * d, ("embed", "heads"), bias=cfg.qkv_bias, **kw)
+        self.k_proj = dense(d_model, g * d, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
+        self.v_proj = dense(d_model, g * d, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
+        self.o_proj = dense(h * d, d_model, ("heads", "embed"), bias=cfg.out_bias, **kw)
+
+    def qkv(self, x: jax.Array, positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Projections and RoPE. x ``(b, l, d_model)``, positions ``(b, l)`` int (default ``arange(l)``).
+
+        Returns q ``(b, l, h, d)`` and k, v ``(b, l, g, d)``; q and k already rotated, so a KV cache
+        stores these k, v as they are.
+        """
+        b, l, _ = x.shape
+        cfg = self.cfg
+        q = self.q_proj(x).reshape(b, l, cfg.n_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(b, l, cfg.n_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(b, l, cfg.n_kv_heads, cfg.head_dim)
+        if cfg.rope is not None:
+            if positions is None:
+                positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+            cos, sin = rope_cos_sin(positions, rotary_dim(cfg), cfg.rope.theta)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None, *,
+               impl: AttentionImpl | None = None) -> jax.Array:
+        """Causal self-attention core: q ``(b, l, h, d)``, k/v ``(b, l, g, d)`` -> ``(b, l, h, d)``.
+
+        ``segment_ids (b, l)``: attention stays within a run of equal ids. ``impl`` overrides the
+        module's. (Cached decoding, with fewer queries than keys, needs a different mask and
+        should call ``jax.nn.dot_product_attention`` with ``key_value_seq_lengths`` instead.)
+        """
+        if resolve_impl(impl or self.impl) == "splash":
+            return splash_attention(q, k, v, segment_ids, max_block=self.splash_block, interpret=self.interpret)
+        return xla_attention(q, k, v, segment_ids)
+
+    def out(self, o: jax.Array) -> jax.Array:
+        """Output projection: ``(b, l, h, d) -> (b, l, d_model)``."""
+        b, l = o.shape[:2]
+        return self.o_proj(o.reshape(b, l, self.cfg.n_heads * self.cfg.head_dim))
+
+    def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None, impl: AttentionImpl | None = None) -> jax.Array:
+        """x ``(b, l, d_model)`` -> ``(b, l, d_model)``. With packing, pass ``segment_ids (b, l)`` and
+        ``positions (b, l)`` restarting at each segment (``jamba_jax.ops.positions_from_segments``)."""
+        q, k, v = self.qkv(x, positions)
+        return self.out(self.attend(q, k, v, segment_ids, impl=impl))
