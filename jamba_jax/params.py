@@ -7,7 +7,7 @@ and parameter counts work on this naming; the stacked ``(repeats, ...)`` storage
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -93,12 +93,18 @@ def model_from_flat(cfg: ModelConfig, flat: dict[str, np.ndarray], *, dtype=jnp.
     return nnx.merge(graphdef, nnx.from_flat_state(items))
 
 
-def count_params(cfg: ModelConfig, predicate: Callable[[str], bool] = lambda name: True) -> int:
-    """Number of trainable parameters (``nnx.Param``) whose flat name satisfies ``predicate``."""
+EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
+
+
+def count_params(cfg: ModelConfig, *, active: bool = False) -> int:
+    """Trainable parameters (``nnx.Param``), from shapes only. ``active=True`` counts what one token
+    uses: of each MoE layer's routed experts only ``top_k`` of ``n_experts``."""
     state = nnx.state(abstract_model(cfg), nnx.Param)
     total = 0
-    for name, _, var, r in _walk(state, cfg.period):
-        if predicate(name):
-            shape = var.shape[1:] if r is not None else var.shape
-            total += int(np.prod(shape))
+    for name, path, var, r in _walk(state, cfg.period):
+        size = int(np.prod(var.shape[1:] if r is not None else var.shape))
+        kind = cfg.layers[int(name.split(".")[1])] if r is not None else None
+        if active and kind == "moe" and path[-1] in EXPERT_WEIGHTS and path[-2] == "mixer":
+            size = size * cfg.moe.top_k // cfg.moe.n_experts
+        total += size
     return total
