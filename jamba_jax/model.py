@@ -20,6 +20,13 @@ from jamba_jax.ops import positions_from_segments
 
 AUX_KEYS = ("load_balancing_loss", "router_z_loss")
 
+#: Rematerialisation policies for each block in the backward pass: what is kept, what recomputed.
+REMAT_POLICIES = {
+    "none": None,  # keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs only
+}
+
 
 def _mixer_class(kind: str):
     if kind == "mamba1":
@@ -69,13 +76,17 @@ class LanguageModel(nnx.Module):
 
     ``dtype`` is the activation dtype, ``param_dtype`` the storage dtype of matrices; SSM
     parameters (``A_log``, ``D``, ``dt_bias``) and norm weights are float32 always.
-    ``impl`` selects the SSM op backend (``"auto"``, ``"xla"``, ``"reference"``, ...).
+    ``impl`` selects the SSM op backend (``"auto"``, ``"xla"``, ``"reference"``, ...); ``remat`` one
+    of `REMAT_POLICIES` for training.
     """
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
-                 impl: str = "auto"):
+                 impl: str = "auto", remat: str = "none"):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={remat!r}: expected one of {sorted(REMAT_POLICIES)}")
         self.config = cfg
         self.dtype = dtype
+        self.remat = remat
         self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
                                embedding_init=logical(nnx.initializers.normal(0.02), "vocab", "embed"), rngs=rngs)
         period = cfg.period
@@ -100,8 +111,12 @@ class LanguageModel(nnx.Module):
         return self.config.n_layers // self.config.period
 
     def hidden_states(self, input_ids: jax.Array, *, segment_ids: jax.Array | None = None,
-                      positions: jax.Array | None = None):
-        """Final-normed hidden states ``(b, l, d_model)`` and the summed auxiliary losses."""
+                      positions: jax.Array | None = None, return_all: bool = False):
+        """Final-normed hidden states ``(b, l, d_model)`` and the summed auxiliary losses.
+
+        With ``return_all`` also the residual stream after every sublayer, ``(n_layers, b, l, d_model)``
+        (before the final norm), for layer-by-layer comparisons.
+        """
         cfg = self.config
         if not isinstance(input_ids, jax.core.Tracer):
             ids = np.asarray(input_ids)
@@ -116,17 +131,27 @@ class LanguageModel(nnx.Module):
         h = self.embed(input_ids)
         h = h.astype(jnp.float32) if cfg.residual_in_fp32 else h
 
-        graphdef, stacked_state = nnx.split(self.blocks)
+        graphdefs, stacked_states = zip(*(nnx.split(block) for block in self.blocks))
 
-        def period_step(carry, layer_state):
+        def run_block(graphdef, state, h):
+            return nnx.merge(graphdef, state)(h, segment_ids=segment_ids, positions=positions)
+
+        if self.remat != "none":
+            run_block = jax.checkpoint(run_block, policy=REMAT_POLICIES[self.remat], static_argnums=(0,))
+
+        def period_step(carry, period_states):
             h, aux = carry
-            for block in nnx.merge(graphdef, layer_state):
-                h, block_aux = block(h, segment_ids=segment_ids, positions=positions)
+            outputs = []
+            for graphdef, state in zip(graphdefs, period_states):
+                h, block_aux = run_block(graphdef, state, h)
                 aux = {k: aux[k] + block_aux[k] for k in AUX_KEYS}
-            return (h, aux), None
+                outputs.append(h)
+            return (h, aux), (jnp.stack(outputs) if return_all else None)
 
         aux0 = {k: jnp.zeros((), jnp.float32) for k in AUX_KEYS}
-        (h, aux), _ = jax.lax.scan(period_step, (h, aux0), stacked_state)
+        (h, aux), per_layer = jax.lax.scan(period_step, (h, aux0), stacked_states)
+        if return_all:
+            return self.final_norm(h), aux, per_layer.reshape(cfg.n_layers, *h.shape)
         return self.final_norm(h), aux
 
     def logits(self, h: jax.Array) -> jax.Array:
