@@ -7,13 +7,18 @@ Every backend is a function with the signature of
        initial_state, segment_ids) -> (y, final_state)
 
 receiving already-validated arguments and always returning the final state.
-Backends are imported lazily, so adding one (e.g. a Pallas kernel) is a single
-entry in ``_BACKENDS``.
+Backends are imported lazily, so adding one is a single entry in ``_BACKENDS``.
+
+``impl="auto"`` picks the Pallas kernel of the default device's platform (Triton
+on GPUs, Mosaic on TPUs) and the chunked XLA path elsewhere (CPU); ``"pallas"``
+picks the Pallas backend by platform (on CPU only with ``interpret=True``, where
+it runs the GPU kernels in Pallas' interpreter).
 """
 from __future__ import annotations
 
 import importlib
 
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels.ssd.reference import DEFAULT_DT_LIMIT
@@ -22,20 +27,49 @@ from pallas_kernels.ssd.reference import DEFAULT_DT_LIMIT
 _BACKENDS = {
     "reference": "pallas_kernels.ssd.reference:ssd_reference",
     "xla": "pallas_kernels.ssd.xla:ssd_xla",
+    "pallas_gpu": "pallas_kernels.ssd.pallas_gpu:ssd_pallas_gpu",
+    "pallas_tpu": "pallas_kernels.ssd.pallas_tpu:ssd_pallas_tpu",
 }
+_PALLAS = ("pallas_gpu", "pallas_tpu")
+
+
+def _platform() -> str:
+    return jax.default_backend()
+
+
+def _pallas_impl(interpret: bool) -> str | None:
+    """The Pallas backend for the default platform (None if it has none)."""
+    platform = _platform()
+    if platform in ("gpu", "cuda", "rocm"):
+        return "pallas_gpu"
+    if platform == "tpu":
+        return "pallas_tpu"
+    return "pallas_gpu" if interpret else None
 
 
 def _auto_impl() -> str:
-    """The backend used by ``impl="auto"``.  Pallas backends will be picked here by platform."""
-    return "xla"
+    """The backend used by ``impl="auto"``: the Pallas kernel on GPU/TPU, XLA elsewhere."""
+    return _pallas_impl(interpret=False) or "xla"
+
+
+def _resolve_impl(impl: str, interpret: bool) -> str:
+    if impl == "auto":
+        return _auto_impl()
+    if impl == "pallas":
+        resolved = _pallas_impl(interpret)
+        if resolved is None:
+            raise ValueError(
+                f"ssd: impl='pallas' has no kernel for platform {_platform()!r}; pass "
+                "interpret=True (runs the GPU kernels in Pallas' interpreter) or impl='xla'")
+        return resolved
+    if impl not in _BACKENDS:
+        raise ValueError(
+            f"ssd: argument 'impl' expected one of {['auto', 'pallas', *_BACKENDS]}, "
+            f"found {impl!r}")
+    return impl
 
 
 def _load_backend(impl: str):
-    if impl == "auto":
-        impl = _auto_impl()
-    if impl not in _BACKENDS:
-        raise ValueError(
-            f"ssd: argument 'impl' expected one of {['auto', *_BACKENDS]}, found {impl!r}")
     module, name = _BACKENDS[impl].split(":")
     return getattr(importlib.import_module(module), name)
 
@@ -87,7 +121,7 @@ def _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_limit, initial_state
 
 def ssd(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
         dt_limit=DEFAULT_DT_LIMIT, initial_state=None, segment_ids=None,
-        return_final_state=False, impl="auto"):
+        return_final_state=False, impl="auto", interpret=False):
     """Mamba-2 SSD scan (semantics of mamba_ssm's ``mamba_chunk_scan_combined``, channels last).
 
     Args:
@@ -106,7 +140,9 @@ def ssd(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None, dt_softplus
       segment_ids: optional (b, l) integers; the state is reset to zero at every
         position whose id differs from the previous position's id.
       return_final_state: also return the state after the last position.
-      impl: "auto" | "xla" | "reference".
+      impl: "auto" | "pallas" | "pallas_gpu" | "pallas_tpu" | "xla" | "reference".
+      interpret: run a Pallas backend in Pallas' interpreter (CPU tests); ignored by
+        the others.
 
     Returns:
       y (b, l, h, p) in x.dtype, or (y, final_state (b, h, p, n) float32) with
@@ -116,10 +152,12 @@ def ssd(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None, dt_softplus
     D, z, dt_bias, initial_state, segment_ids = (
         None if a is None else jnp.asarray(a) for a in (D, z, dt_bias, initial_state, segment_ids))
     _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_limit, initial_state, segment_ids)
+    impl = _resolve_impl(impl, interpret)
     backend = _load_backend(impl)
     dt_limit = tuple(float(v) for v in dt_limit)
+    extra = {"interpret": bool(interpret)} if impl in _PALLAS else {}
     y, final_state = backend(
         x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
         dt_softplus=dt_softplus, dt_limit=dt_limit, initial_state=initial_state,
-        segment_ids=segment_ids)
+        segment_ids=segment_ids, **extra)
     return (y, final_state) if return_final_state else y

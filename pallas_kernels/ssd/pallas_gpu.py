@@ -1,0 +1,369 @@
+"""Pallas SSD kernels for GPUs, through Pallas' Triton lowering.
+
+Why Triton and not Mosaic GPU (the default Pallas GPU lowering since JAX 0.9):
+
+* it is testable here: Triton-style kernels (``pl.load``-like ref indexing, ``jnp.dot``) run in
+  Pallas' ``interpret=True`` mode on a CPU, which is how ``tests/test_ssd_pallas.py`` checks every
+  value and gradient; Mosaic GPU has no CPU interpreter in JAX 0.10;
+* the kernels are small-tile sequential loops (a (p, n) state carried on chip across chunks,
+  64x64 and 64x128 products with exp/mask work in between): Triton's compiler already turns
+  ``tt.dot`` into Hopper ``wgmma`` and software-pipelines the chunk loads (``num_stages``), while
+  Mosaic GPU would have us hand-schedule warpgroups, barriers and TMA for modest gains;
+* it also lowers for ROCm.
+The price: the Triton lowering is deprecated from JAX 0.11 on and must be selected explicitly,
+which ``compiler_params=pltriton.CompilerParams(...)`` does (also in 0.11).
+
+Kernels (the plan and the math are in :mod:`pallas_kernels.ssd.pallas_common`):
+
+* ``_fwd_kernel``, grid (b, h, p / pb): the state (pb, n) float32 lives in registers through a
+  ``fori_loop`` over chunks; per chunk C.B^T, the decay matrix, two products for y and one for
+  the state update.  D and the z gate are applied before the store.
+* ``_dstate_kernel``, grid (b, h, p / pb): the reverse sweep of the state gradient.
+* ``_chunk_grad_kernel``, grid (b, chunks, g * splits): per chunk, loops over the heads of one
+  group (or a 1/splits share of them), summing dB/dC in registers.
+Layouts are the API's (channels last); only dt and its cumsum are moved to (b, h, l).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.ssd import pallas_common as pc
+from pallas_kernels.ssd.reference import DEFAULT_DT_LIMIT
+
+f32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuOptions:
+    """Block sizes and launch parameters (see ``default_options``)."""
+    block_p: int                 # pb: head-dim block of the forward / state sweep
+    head_splits: int             # programs per group in the chunk-gradient kernel
+    fwd_warps: int = 4
+    fwd_stages: int = 2
+    dstate_warps: int = 4
+    grad_warps: int = 8
+    grad_stages: int = 1
+    interpret: bool = False
+
+
+def default_block_t(chunk_size: int) -> int:
+    """The kernel's chunk T: chunk_size rounded down to a power of two, within [16, 64].
+
+    The result does not depend on T (up to rounding): T = 64 keeps the (T, T) tiles in
+    registers and needs fewer flops per position than mamba_ssm's usual 256.
+    """
+    t = 16
+    while t * 2 <= min(chunk_size, 64):
+        t *= 2
+    return t
+
+
+def _num_sms() -> int:
+    try:
+        dev = jax.local_devices(backend="gpu")[0]
+        return int(getattr(dev, "core_count", 132) or 132)
+    except RuntimeError:
+        return 132
+
+
+def default_options(b, h, p, g, nc, interpret=False) -> GpuOptions:
+    """Tuning table / heuristic.  Forward: split p in two when (b, h) gives fewer than ~2
+    programs per SM (the sequential chunk loop then dominates).  Chunk gradients: split a
+    group's heads until the grid has ~4 programs per SM."""
+    sms = _num_sms()
+    pb = p
+    if b * h < 2 * sms and p >= 32:
+        pb = p // 2
+    r = h // g
+    splits = 1
+    while b * nc * g * splits < 4 * sms and r % (splits * 2) == 0 and r // (splits * 2) >= 2:
+        splits *= 2
+    return GpuOptions(block_p=pb, head_splits=splits, interpret=interpret)
+
+
+def _params(warps, stages):
+    return pltriton.CompilerParams(num_warps=warps, num_stages=stages)
+
+
+def _unpack(refs, names):
+    return dict(zip(names, refs))
+
+
+# --------------------------------------------------------------------------- forward
+def _fwd_kernel(*refs, cfg: pc.Config, names, nc: int, save: bool):
+    r = _unpack(refs, names)
+    T = cfg.block_t
+    prec = cfg.precision
+    pb, n = r["final"].shape
+    if cfg.has_init:
+        state0 = r["init"][...].astype(f32)
+    else:
+        state0 = jnp.zeros((pb, n), f32)
+    D_row = r["D"][...][None, :] if cfg.has_D else None
+
+    def body(c, state):
+        rows = pl.ds(c * T, T)
+        x = r["x"][rows, :]
+        B = r["B"][rows, :]
+        C = r["C"][rows, :]
+        dt = r["dt"][rows]
+        cum = r["cum"][rows]
+        seg = None
+        if cfg.has_segments:
+            sid = r["sid"][rows]
+            seg = pc.segment_masks(sid[:, None], sid[None, :], r["sid_prev"][c])
+        if save:
+            r["states"][c] = state.astype(r["states"].dtype)
+        y, state = pc.chunk_forward(x, B, C, dt[:, None], dt[None, :], cum[:, None],
+                                    cum[None, :], state, seg, prec)
+        if cfg.has_D:
+            y = y + D_row * x.astype(f32)
+        if cfg.has_z:
+            if save:
+                r["y_pre"][rows, :] = y.astype(r["y_pre"].dtype)
+            zf = r["z"][rows, :].astype(f32)
+            y = y * zf * pc.sigmoid(zf)
+        r["y"][rows, :] = y.astype(r["y"].dtype)
+        return state
+
+    r["final"][...] = jax.lax.fori_loop(0, nc, body, state0)
+
+
+def forward(cfg: pc.Config, P: pc.Prepared, save: bool):
+    opt: GpuOptions = cfg.backend_options
+    b, L, h, p = P.x.shape
+    g, n = P.B.shape[2:]
+    T, R, pb = cfg.block_t, cfg.heads_per_group, opt.block_p
+    nc = L // T
+    grid = (b, h, p // pb)
+    names, args, specs = [], [], []
+
+    def add(name, arr, spec):
+        names.append(name), args.append(arr), specs.append(spec)
+
+    x_spec = pl.BlockSpec((None, L, None, pb), lambda i, j, k: (i, 0, j, k))
+    bc_spec = pl.BlockSpec((None, L, None, n), lambda i, j, k: (i, 0, j // R, 0))
+    hl_spec = pl.BlockSpec((None, None, L), lambda i, j, k: (i, j, 0))
+    st_spec = pl.BlockSpec((None, None, pb, n), lambda i, j, k: (i, j, k, 0))
+    add("x", P.x, x_spec)
+    add("B", P.B, bc_spec)
+    add("C", P.C, bc_spec)
+    add("dt", P.dt, hl_spec)
+    add("cum", P.cum, hl_spec)
+    if cfg.has_segments:
+        add("sid", P.sid, pl.BlockSpec((None, L), lambda i, j, k: (i, 0)))
+        add("sid_prev", P.sid_prev, pl.BlockSpec((None, nc), lambda i, j, k: (i, 0)))
+    if cfg.has_init:
+        add("init", P.init, st_spec)
+    if cfg.has_D:
+        add("D", P.D, pl.BlockSpec((None, pb), lambda i, j, k: (j, k)))
+    if cfg.has_z:
+        add("z", P.z, x_spec)
+
+    out_names = ["y", "final"]
+    out_shapes = [jax.ShapeDtypeStruct((b, L, h, p), cfg.op_dtype),
+                  jax.ShapeDtypeStruct((b, h, p, n), f32)]
+    out_specs = [x_spec, st_spec]
+    if save:
+        out_names.append("states")
+        out_shapes.append(jax.ShapeDtypeStruct((b, nc, h, p, n), cfg.state_dtype))
+        out_specs.append(pl.BlockSpec((None, nc, None, pb, n), lambda i, j, k: (i, 0, j, k, 0)))
+        if cfg.has_z:
+            out_names.append("y_pre")
+            out_shapes.append(jax.ShapeDtypeStruct((b, L, h, p), cfg.op_dtype))
+            out_specs.append(x_spec)
+
+    kernel = functools.partial(_fwd_kernel, cfg=cfg, names=tuple(names + out_names), nc=nc,
+                               save=save)
+    outs = pl.pallas_call(
+        kernel, grid=grid, in_specs=specs, out_specs=out_specs, out_shape=out_shapes,
+        compiler_params=_params(opt.fwd_warps, opt.fwd_stages), interpret=opt.interpret,
+        name="ssd_fwd",
+    )(*args)
+    outs = dict(zip(out_names, outs))
+    return outs["y"], outs["final"], outs.get("states"), outs.get("y_pre")
+
+
+# --------------------------------------------------------------------------- backward: state sweep
+def _dstate_kernel(*refs, cfg: pc.Config, names, nc: int):
+    r = _unpack(refs, names)
+    T = cfg.block_t
+    prec = cfg.precision
+
+    def body(i, dstate):
+        c = nc - 1 - i
+        rows = pl.ds(c * T, T)
+        r["dstates"][c] = dstate.astype(r["dstates"].dtype)
+        dy = r["dy"][rows, :]
+        C = r["C"][rows, :]
+        cum = r["cum"][rows]
+        seg = None
+        if cfg.has_segments:
+            sid = r["sid"][rows]
+            seg = pc.segment_masks(sid[:, None], sid[None, :], r["sid_prev"][c])
+        return pc.dstate_step(dstate, dy, C, cum[:, None], cum[None, :], seg, prec)
+
+    r["dinit"][...] = jax.lax.fori_loop(0, nc, body, r["dfinal"][...].astype(f32))
+
+
+def backward_dstates(cfg: pc.Config, P: pc.Prepared, dy, dfinal):
+    opt: GpuOptions = cfg.backend_options
+    b, L, h, p = P.x.shape
+    g, n = P.B.shape[2:]
+    T, R, pb = cfg.block_t, cfg.heads_per_group, opt.block_p
+    nc = L // T
+    names, args, specs = [], [], []
+
+    def add(name, arr, spec):
+        names.append(name), args.append(arr), specs.append(spec)
+
+    st_spec = pl.BlockSpec((None, None, pb, n), lambda i, j, k: (i, j, k, 0))
+    add("dy", dy, pl.BlockSpec((None, L, None, pb), lambda i, j, k: (i, 0, j, k)))
+    add("C", P.C, pl.BlockSpec((None, L, None, n), lambda i, j, k: (i, 0, j // R, 0)))
+    add("cum", P.cum, pl.BlockSpec((None, None, L), lambda i, j, k: (i, j, 0)))
+    if cfg.has_segments:
+        add("sid", P.sid, pl.BlockSpec((None, L), lambda i, j, k: (i, 0)))
+        add("sid_prev", P.sid_prev, pl.BlockSpec((None, nc), lambda i, j, k: (i, 0)))
+    add("dfinal", dfinal, st_spec)
+    out_names = ["dstates", "dinit"]
+    kernel = functools.partial(_dstate_kernel, cfg=cfg, names=tuple(names + out_names), nc=nc)
+    dstates, dinit = pl.pallas_call(
+        kernel, grid=(b, h, p // pb), in_specs=specs,
+        out_specs=[pl.BlockSpec((None, nc, None, pb, n), lambda i, j, k: (i, 0, j, k, 0)),
+                   st_spec],
+        out_shape=[jax.ShapeDtypeStruct((b, nc, h, p, n), cfg.state_dtype),
+                   jax.ShapeDtypeStruct((b, h, p, n), f32)],
+        compiler_params=_params(opt.dstate_warps, opt.fwd_stages), interpret=opt.interpret,
+        name="ssd_bwd_dstate",
+    )(*args)
+    return dstates, dinit
+
+
+# --------------------------------------------------------------------------- backward: chunk grads
+def _chunk_grad_kernel(*refs, cfg: pc.Config, names, heads: int):
+    r = _unpack(refs, names)
+    T = cfg.block_t
+    prec = cfg.precision
+    c = pl.program_id(1)
+    B = r["B"][...]
+    C = r["C"][...]
+    n = B.shape[1]
+    CB = pc.mm(C, B, "nt", prec)
+    seg = None
+    if cfg.has_segments:
+        sid = r["sid"][...]
+        seg = pc.segment_masks(sid[:, None], sid[None, :], r["sid_prev"][c])
+
+    def head(j, acc):
+        W_sum, dB, dC = acc
+        x = r["x"][:, j, :]
+        dy = r["dy"][:, j, :]
+        dt = r["dt"][j, :]
+        cum = r["cum"][j, :]
+        hg = pc.chunk_backward_head(x, dy, B, C, CB, dt[:, None], dt[None, :], cum[:, None],
+                                    cum[None, :], r["states"][j], r["dstates"][j], seg, prec)
+        dx = hg.dx
+        if cfg.has_D:
+            dx = dx + r["D"][j, :][None, :] * dy.astype(f32)
+            r["dD"][j, :] = jnp.sum(dy.astype(f32) * x.astype(f32), axis=0)
+        r["dx"][:, j, :] = dx.astype(r["dx"].dtype)
+        r["ddt"][j, :] = hg.ddt.reshape(T)
+        r["dcum"][j, :] = hg.dcum_col.reshape(T) + hg.dcum_row.reshape(T)
+        return W_sum + hg.W, dB + hg.dB, dC + hg.dC
+
+    zeros_tn = jnp.zeros((T, n), f32)
+    W_sum, dB, dC = jax.lax.fori_loop(0, heads, head, (jnp.zeros((T, T), f32), zeros_tn, zeros_tn))
+    dB_intra, dC_intra = pc.group_grads_from_scores(W_sum, B, C, prec)
+    r["dB"][...] = dB + dB_intra
+    r["dC"][...] = dC + dC_intra
+
+
+def backward_chunks(cfg: pc.Config, P: pc.Prepared, dy, states, dstates):
+    opt: GpuOptions = cfg.backend_options
+    b, L, h, p = P.x.shape
+    g, n = P.B.shape[2:]
+    T, R, S = cfg.block_t, cfg.heads_per_group, opt.head_splits
+    nc = L // T
+    hs = R // S                                           # heads per program
+    grid = (b, nc, g * S)                                 # program k: heads [k*hs, (k+1)*hs)
+    names, args, specs = [], [], []
+
+    def add(name, arr, spec):
+        names.append(name), args.append(arr), specs.append(spec)
+
+    xs_spec = pl.BlockSpec((None, T, hs, p), lambda i, c, k: (i, c, k, 0))
+    hl_spec = pl.BlockSpec((None, hs, T), lambda i, c, k: (i, k, c))
+    bc_spec = pl.BlockSpec((None, T, None, n), lambda i, c, k: (i, c, k // S, 0))
+    st_spec = pl.BlockSpec((None, None, hs, p, n), lambda i, c, k: (i, c, k, 0, 0))
+    add("x", P.x, xs_spec)
+    add("dy", dy, xs_spec)
+    add("B", P.B, bc_spec)
+    add("C", P.C, bc_spec)
+    add("dt", P.dt, hl_spec)
+    add("cum", P.cum, hl_spec)
+    add("states", states, st_spec)
+    add("dstates", dstates, st_spec)
+    if cfg.has_segments:
+        add("sid", P.sid, pl.BlockSpec((None, T), lambda i, c, k: (i, c)))
+        add("sid_prev", P.sid_prev, pl.BlockSpec((None, nc), lambda i, c, k: (i, 0)))
+    if cfg.has_D:
+        add("D", P.D, pl.BlockSpec((hs, p), lambda i, c, k: (k, 0)))
+
+    out_names = ["dx", "ddt", "dcum", "dB", "dC"]
+    part_spec = pl.BlockSpec((None, T, None, n), lambda i, c, k: (i, c, k, 0))
+    out_shapes = [jax.ShapeDtypeStruct((b, L, h, p), cfg.op_dtype),
+                  jax.ShapeDtypeStruct((b, h, L), f32),
+                  jax.ShapeDtypeStruct((b, h, L), f32),
+                  jax.ShapeDtypeStruct((b, L, g * S, n), f32),
+                  jax.ShapeDtypeStruct((b, L, g * S, n), f32)]
+    out_specs = [xs_spec, hl_spec, hl_spec, part_spec, part_spec]
+    if cfg.has_D:
+        out_names.append("dD")
+        out_shapes.append(jax.ShapeDtypeStruct((b, nc, h, p), f32))
+        out_specs.append(pl.BlockSpec((None, None, hs, p), lambda i, c, k: (i, c, k, 0)))
+
+    kernel = functools.partial(_chunk_grad_kernel, cfg=cfg, names=tuple(names + out_names),
+                               heads=hs)
+    outs = pl.pallas_call(
+        kernel, grid=grid, in_specs=specs, out_specs=out_specs, out_shape=out_shapes,
+        compiler_params=_params(opt.grad_warps, opt.grad_stages), interpret=opt.interpret,
+        name="ssd_bwd_chunk",
+    )(*args)
+    outs = dict(zip(out_names, outs))
+    sum_splits = lambda a: a.reshape(b, L, g, S, n).sum(axis=3)
+    dD = outs["dD"].sum(axis=(0, 1)) if cfg.has_D else None
+    return (outs["dx"], outs["ddt"], outs["dcum"], sum_splits(outs["dB"]),
+            sum_splits(outs["dC"]), dD)
+
+
+_core = pc.make_core(forward, backward_dstates, backward_chunks)
+
+
+def ssd_pallas_gpu(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None,
+                   dt_softplus=False, dt_limit=DEFAULT_DT_LIMIT, initial_state=None,
+                   segment_ids=None, interpret=False, options: GpuOptions | None = None,
+                   block_t: int | None = None):
+    """SSD through the Triton kernels.  Returns ``(y, final_state)`` like every backend.
+
+    ``chunk_size`` picks the kernel chunk (``default_block_t``); p and n are padded to powers
+    of two (>= 16) when they are not (Triton tiles).
+    """
+    b, l, h, p = x.shape
+    g, n = B.shape[2:]
+    T = block_t or default_block_t(chunk_size)
+    pp, pn = max(16, pc.next_pow2(p)), max(16, pc.next_pow2(n))
+    nc = -(-l // T)
+    if options is None:
+        options = default_options(b, h, pp, g, nc, interpret)
+    elif interpret and not options.interpret:
+        options = dataclasses.replace(options, interpret=True)
+    return pc.run(_core, x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
+                  dt_softplus=dt_softplus, dt_limit=dt_limit, initial_state=initial_state,
+                  segment_ids=segment_ids, block_t=T, pad_p=pp, pad_n=pn,
+                  backend_options=options)
