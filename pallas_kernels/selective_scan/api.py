@@ -1,28 +1,50 @@
 """Public entry point of the Mamba-1 selective scan: argument checks and backend dispatch.
 
 Every backend has the signature of ``selective_scan_reference`` (see ``reference.py``) and
-returns ``(y, final_state)``.  To add one, register it in ``_BACKENDS``; ``impl="auto"``
-then prefers ``"pallas"`` on GPU / TPU as soon as it is registered.
+returns ``(y, final_state)``.  To add one, register it in ``_BACKENDS``.  ``impl="auto"``
+picks the Pallas kernel of the default device (GPU: Triton, TPU: Mosaic) and the chunked XLA
+scan on CPU; ``impl="pallas"`` picks the kernel of the default device, or with
+``interpret=True`` runs the GPU kernel in Pallas' interpreter anywhere (CPU tests).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from .pallas_gpu import selective_scan_pallas_gpu
+from .pallas_tpu import selective_scan_pallas_tpu
 from .reference import selective_scan_reference
 from .xla import selective_scan_xla
 
 _BACKENDS = {
     "reference": selective_scan_reference,
     "xla": selective_scan_xla,
-    # "pallas": selective_scan_pallas,
+    "pallas_gpu": selective_scan_pallas_gpu,
+    "pallas_tpu": selective_scan_pallas_tpu,
 }
+_PALLAS = ("pallas_gpu", "pallas_tpu")
+_GPU_PLATFORMS = ("gpu", "cuda")   # the Triton lowering targets NVIDIA GPUs
 
 
 def _auto_impl() -> str:
-    if "pallas" in _BACKENDS and jax.default_backend() in ("gpu", "cuda", "rocm", "tpu"):
-        return "pallas"
+    platform = jax.default_backend()
+    if platform in _GPU_PLATFORMS:
+        return "pallas_gpu"
+    if platform == "tpu":
+        return "pallas_tpu"
     return "xla"
+
+
+def _pallas_impl(interpret: bool) -> str:
+    platform = jax.default_backend()
+    if platform == "tpu":
+        return "pallas_tpu"
+    if platform in _GPU_PLATFORMS or interpret:
+        return "pallas_gpu"
+    raise ValueError(
+        f'selective_scan: impl="pallas" has no kernel for the {platform!r} backend; '
+        'pass interpret=True to run a kernel in the Pallas interpreter, or use impl="xla"'
+    )
 
 
 def _check_shape(name: str, x, expected: tuple, letters: str) -> None:
@@ -74,6 +96,7 @@ def _check_args(u, delta, A, B, C, D, z, delta_bias, initial_state, segment_ids)
 def selective_scan(
     u, delta, A, B, C, *, D=None, z=None, delta_bias=None, delta_softplus=False,
     initial_state=None, segment_ids=None, return_final_state=False, impl="auto",
+    interpret=False,
 ):
     """Mamba-1 selective scan (mamba_ssm's ``selective_scan_fn``, channels last).
 
@@ -91,20 +114,27 @@ def selective_scan(
       segment_ids: (b, l) int; the state is reset to zero where ids[t] != ids[t-1]
         (packed documents).  initial_state therefore only reaches the first segment.
       return_final_state: also return the float32 (b, d, n) state after each row's last step.
-      impl: "auto" | "reference" | "xla".
+      impl: "auto" | "reference" | "xla" | "pallas" | "pallas_gpu" | "pallas_tpu".  "auto"
+        is the Pallas kernel on GPU / TPU and "xla" elsewhere; "pallas" is the kernel of
+        the default device (the GPU kernel when interpreting on CPU).
+      interpret: run a Pallas backend in Pallas' interpreter (any device; for tests).
+        Ignored by the "reference" and "xla" backends.
 
     Returns:
       y: (b, l, d) in u's dtype, or (y, final_state) if return_final_state.
     """
     if impl == "auto":
         impl = _auto_impl()
+    elif impl == "pallas":
+        impl = _pallas_impl(interpret)
     if impl not in _BACKENDS:
         raise ValueError(
-            f"selective_scan: impl must be one of {['auto', *_BACKENDS]}, found {impl!r}"
+            f"selective_scan: impl must be one of {['auto', 'pallas', *_BACKENDS]}, found {impl!r}"
         )
     _check_args(u, delta, A, B, C, D, z, delta_bias, initial_state, segment_ids)
+    extra = dict(interpret=interpret) if impl in _PALLAS else {}
     y, final_state = _BACKENDS[impl](
         u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
-        initial_state=initial_state, segment_ids=segment_ids,
+        initial_state=initial_state, segment_ids=segment_ids, **extra,
     )
     return (y, final_state) if return_final_state else y

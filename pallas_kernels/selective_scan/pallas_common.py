@@ -1,0 +1,136 @@
+"""Pieces shared by the two Pallas backends of the selective scan (``pallas_gpu``, ``pallas_tpu``).
+
+Both backends follow one plan:
+
+* **forward**: a grid over (batch, channel blocks); each program keeps its (n, d_block) float32
+  state on chip and walks the sequence step by step.  Under differentiation the forward also
+  writes the state at the start of every ``chunk`` steps ("checkpoints", b * ceil(l / chunk)
+  states in all); per-step states never leave the chip.
+* **backward**: the same grid, walking the chunks in reverse.  Each chunk restarts from its
+  checkpoint, recomputes the chunk's states on chip, then runs the adjoint recurrence
+
+      g_t = a_{t+1} * dh_{t+1}            (the gradient reaching h_t from the future)
+      dh_t = g_t + C_t dy_t
+
+  backwards through the chunk, producing every gradient in the same pass.
+* the differentiable core is a ``jax.custom_vjp`` over arrays already in the backend's layout
+  (``make_core``); layout changes, padding and the reduction of per-block partial sums
+  happen outside the kernels in plain JAX.
+
+Kernel math helpers here are written with primitives that both the Triton and the Mosaic
+lowering accept (no ``jax.nn`` calls, which pull in ops the kernel lowerings lack).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+f32 = jnp.float32
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+
+# --------------------------------------------------------------------------- in-kernel math
+def softplus(x):
+    """log(1 + e^x) without overflow: max(x, 0) + log1p(e^-|x|)."""
+    return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + jnp.exp(-x))
+
+
+def gate_and_grad(z):
+    """silu(z) and its derivative silu'(z) = s (1 + z (1 - s)), s = sigmoid(z)."""
+    s = sigmoid(z)
+    return z * s, s * (1.0 + z * (1.0 - s))
+
+
+# --------------------------------------------------------------------------- wrapper helpers
+def keep_from_segments(segment_ids, b: int, l: int):
+    """(b, l) float32: 0 where the state is reset (ids[t] != ids[t-1], t > 0), else 1.
+    None when there are no segments (the kernels then skip the multiply)."""
+    if segment_ids is None:
+        return None
+    starts = segment_ids[:, 1:] != segment_ids[:, :-1]
+    starts = jnp.pad(starts, ((0, 0), (1, 0)), constant_values=False)
+    return jax.lax.stop_gradient(1.0 - starts.astype(f32))
+
+
+def largest_pow2_divisor(h: int, cap: int) -> int:
+    """Largest power of two <= cap that divides h (1 if h is odd)."""
+    block = 1
+    while block * 2 <= cap and h % (block * 2) == 0:
+        block *= 2
+    return block
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def make_core(forward, backward):
+    """Differentiable core ``core(cfg, *arrays) -> (y, final_state)`` from two kernel drivers.
+
+    ``forward(cfg, arrays, save)`` returns (y, final_state, checkpoints or None);
+    ``backward(cfg, arrays, checkpoints, dy, dfinal)`` returns one cotangent per array
+    (None for absent optional arrays and for the non-differentiable segment mask).
+    ``cfg`` is a hashable static description (shapes, flags, block sizes, interpret).
+    """
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def core(cfg, *arrays):
+        y, final, _ = forward(cfg, arrays, save=False)
+        return y, final
+
+    def core_fwd(cfg, *arrays):
+        y, final, ckpt = forward(cfg, arrays, save=True)
+        return (y, final), (arrays, ckpt)
+
+    def core_bwd(cfg, residuals, cotangents):
+        arrays, ckpt = residuals
+        dy, dfinal = cotangents
+        grads = backward(cfg, arrays, ckpt, dy, dfinal)
+        return tuple(None if gr is None else _sum_over_replicas(gr, x) for gr, x in zip(grads, arrays))
+
+    core.defvjp(core_fwd, core_bwd)
+    return core
+
+
+def grouped_partials_to_dBC(part, g: int, layout: str):
+    """Sum per-channel-block partials of dB / dC over the blocks of each group.
+
+    part: float32 (b, nblk, l, n) if layout == "bln" or (b, nblk, n, l) if "bnl", blocks of
+    one group contiguous.  Returns (b, l, g, n) float32."""
+    b, nblk = part.shape[:2]
+    part = part.reshape(b, g, nblk // g, *part.shape[2:]).sum(axis=2)
+    if layout == "bnl":
+        part = jnp.swapaxes(part, 2, 3)          # (b, g, l, n)
+    return jnp.swapaxes(part, 1, 2)              # (b, l, g, n)
+
+
+def _varying(x) -> frozenset:
+    """Manual mesh axes (inside jax.shard_map) along which x differs between devices."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)                    # jax >= 0.10
+    return mat.varying if mat is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def _sum_over_replicas(grad, primal):
+    """Inside shard_map, an input replicated along some mesh axes (A, D, bias over batch
+    shards; B, C over channel shards) gets the sum of its per-device cotangents."""
+    extra = _varying(grad) - _varying(primal)
+    return jax.lax.psum(grad, tuple(sorted(extra))) if extra else grad
+
+
+def out_struct(shape, dtype, inputs):
+    """ShapeDtypeStruct for a kernel output that varies over the manual mesh axes of its
+    inputs: inside ``jax.shard_map`` (check_vma) Pallas needs to be told."""
+    varying = frozenset().union(*(_varying(x) for x in inputs if x is not None))
+    if hasattr(jax.sharding, "ManualAxisType"):                      # jax >= 0.10
+        return jax.ShapeDtypeStruct(
+            shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=varying))
+    return jax.ShapeDtypeStruct(shape, dtype, vma=varying)
