@@ -7,6 +7,7 @@ import torch
 
 PERTURBED = ("A_log", "D", "dt_bias", "dt_proj.bias", "norm.weight", "norm_f.weight", "layernorm.weight",
              "norm_weight", "final_layernorm.weight", "input_layernorm.weight", "pre_ff_layernorm.weight")
+PERTURBED_BUFFERS = ("e_score_correction_bias",)
 
 
 def random_torch_model(config, seed: int = 0):
@@ -22,6 +23,9 @@ def random_torch_model(config, seed: int = 0):
                 p.add_(0.2 * torch.randn_like(p))
             elif p.dim() >= 2:
                 p.normal_(0.0, 0.1)
+        for name, b in model.named_buffers():
+            if name.endswith(PERTURBED_BUFFERS):  # zeros at init: a test ignoring them would still pass
+                b.add_(0.1 * torch.randn_like(b))
     return model
 
 

@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jamba_jax.config import ModelConfig
-from jamba_jax.convert import families
+from jamba_jax.convert import families, hybrids  # noqa: F401  (registers the model families)
 from jamba_jax.convert.families import FAMILIES, get_family, is_mamba_ssm_config, mamba_ssm_config
 from jamba_jax.convert.io import read_config, read_tensors, write_checkpoint
+from jamba_jax.convert.rules import hf_shapes, resolve_layouts
 from jamba_jax.model import LanguageModel
 from jamba_jax.params import flat_params, model_from_flat, param_shapes
 
@@ -31,9 +32,13 @@ def _check_tensors(cfg: ModelConfig, rules: list, tensors: dict) -> None:
     """One error naming every missing, unexpected or mis-shaped checkpoint tensor."""
     shapes = param_shapes(cfg)
     known = {name for r in rules for name in r.hf_names}
-    missing = [f"{n} {r.hf_shape(shapes)}" for r in rules for n in r.hf_names if n not in tensors]
-    misshaped = [f"{r.hf}: expected {r.hf_shape(shapes)}, found {tuple(tensors[r.hf].shape)}"
-                 for r in rules if r.hf in tensors and tuple(tensors[r.hf].shape) != r.hf_shape(shapes)]
+    missing, misshaped = [], []
+    for r in rules:
+        for n, shape in hf_shapes(r, shapes).items():
+            if n not in tensors:
+                missing.append(f"{n} {shape}")
+            elif tuple(tensors[n].shape) != shape:
+                misshaped.append(f"{n}: expected {shape}, found {tuple(tensors[n].shape)}")
     unexpected = [f"{n} {tuple(tensors[n].shape)}" for n in sorted(set(tensors) - known)]
     if missing or misshaped or unexpected:
         lines = [f"checkpoint tensors do not match the {cfg.model_type} config:"]
@@ -53,6 +58,7 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=j
     tensors = read_tensors(path)
     if cfg.tie_embeddings:
         tensors.pop("lm_head.weight", None)  # a tied head saved alongside the embedding
+    rules = resolve_layouts(rules, tensors)  # checkpoints written in an older layout (per-expert tensors, ...)
     _check_tensors(cfg, rules, tensors)
     flat = {}
     for rule in rules:

@@ -4,11 +4,14 @@ A ``Rule`` ties one checkpoint tensor to one of our parameters with a layout cha
 ``id`` (same), ``linear`` (torch ``(out, in)`` <-> our ``(in, out)``), ``conv`` (torch depthwise
 ``(c, 1, k)`` <-> our ``(k, c)``), ``experts`` (torch ``(E, out, in)`` <-> our ``(E, in, out)``).
 A ``SplitRule`` ties one fused checkpoint tensor to several of our parameters (concatenated along
-``axis`` of the checkpoint tensor).
+``axis`` of the checkpoint tensor). A ``StackRule`` stacks per-expert checkpoint tensors into one
+of ours; a ``LayoutChoice`` lists alternative checkpoint layouts of the same parameters (the first
+is written, any is read: see `resolve_layouts`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -118,3 +121,120 @@ def mamba2_rules(hf: str, ours: str, cfg: Mamba2Config) -> list[Rule]:
     rules += linear_rules(f"{hf}.in_proj", f"{ours}.in_proj", cfg.proj_bias)
     rules += linear_rules(f"{hf}.out_proj", f"{ours}.out_proj", cfg.proj_bias)
     return rules
+
+
+# --- rules over several checkpoint tensors, and checkpoints stored in more than one layout ----------
+
+def hf_shapes(rule, our_shapes: dict) -> dict[str, tuple]:
+    """Checkpoint name -> expected shape for every tensor ``rule`` reads (rules over one tensor
+    need only ``hf_shape``)."""
+    if hasattr(rule, "hf_shapes"):
+        return rule.hf_shapes(our_shapes)
+    return {rule.hf: tuple(rule.hf_shape(our_shapes))}
+
+
+@dataclass(frozen=True)
+class StackRule:
+    """Our tensor with a leading axis of ``n`` = checkpoint tensors ``hf.format(e=i)`` for ``i < n``,
+    each after ``layout``, stacked along a new axis 0 (per-expert checkpoint tensors)."""
+
+    hf: str  # a template with "{e}"
+    ours: str
+    n: int
+    layout: str = "id"
+
+    @property
+    def hf_names(self) -> tuple[str, ...]:
+        return tuple(self.hf.format(e=i) for i in range(self.n))
+
+    @property
+    def our_names(self) -> tuple[str, ...]:
+        return (self.ours,)
+
+    def to_ours(self, tensors: dict) -> dict:
+        return {self.ours: np.stack([_TO_OURS[self.layout](tensors[n]) for n in self.hf_names])}
+
+    def to_hf(self, flat: dict) -> dict:
+        return {n: _TO_HF[self.layout](a) for n, a in zip(self.hf_names, flat[self.ours])}
+
+    def hf_shape(self, our_shapes: dict) -> tuple:
+        """Shape of each one of the checkpoint tensors."""
+        return _TO_HF[self.layout](np.empty(our_shapes[self.ours][0][1:], np.int8)).shape
+
+    def hf_shapes(self, our_shapes: dict) -> dict[str, tuple]:
+        shape = tuple(self.hf_shape(our_shapes))
+        return {n: shape for n in self.hf_names}
+
+
+@dataclass(frozen=True)
+class LayoutChoice:
+    """The same parameters stored in one of several checkpoint layouts (each a tuple of rules).
+
+    ``options[0]`` is the layout we write; reading picks, per checkpoint, the first option whose
+    tensors are all present (else the one with most present, so errors name the closest layout).
+    Call `resolve_layouts` on a rule list before reading a checkpoint with it.
+    """
+
+    options: tuple[tuple, ...]
+
+    @property
+    def hf_names(self) -> tuple[str, ...]:
+        return tuple(n for r in self.options[0] for n in r.hf_names)
+
+    @property
+    def our_names(self) -> tuple[str, ...]:
+        return tuple(n for r in self.options[0] for n in r.our_names)
+
+    def to_hf(self, flat: dict) -> dict:
+        out = {}
+        for r in self.options[0]:
+            out.update(r.to_hf(flat))
+        return out
+
+    def to_ours(self, tensors: dict) -> dict:
+        out = {}
+        for r in self.pick(tensors):
+            out.update(r.to_ours(tensors))
+        return out
+
+    def hf_shapes(self, our_shapes: dict) -> dict[str, tuple]:
+        return {n: s for r in self.options[0] for n, s in hf_shapes(r, our_shapes).items()}
+
+    def pick(self, names) -> tuple:
+        present = [sum(n in names for r in opt for n in r.hf_names) for opt in self.options]
+        for opt, count in zip(self.options, present):
+            if count == sum(len(r.hf_names) for r in opt):
+                return tuple(resolve_layouts(opt, names))
+        return tuple(resolve_layouts(self.options[present.index(max(present))], names))
+
+
+def resolve_layouts(rules, names) -> list:
+    """Replace every `LayoutChoice` in ``rules`` by the rules of the layout the checkpoint uses
+    (``names``: the checkpoint's tensor names, or its tensor dict)."""
+    out = []
+    for r in rules:
+        out.extend(r.pick(names) if isinstance(r, LayoutChoice) else (r,))
+    return out
+
+
+def rename_hf(rule, fn):
+    """``rule`` with every checkpoint name (template) passed through ``fn``."""
+    if isinstance(rule, LayoutChoice):
+        return LayoutChoice(tuple(tuple(rename_hf(r, fn) for r in opt) for opt in rule.options))
+    return dataclasses.replace(rule, hf=fn(rule.hf))
+
+
+def with_prefix_alias(rules, prefix: str, alias: str) -> list:
+    """Rules that write names starting with ``prefix`` and also read them with ``alias`` instead
+    (e.g. ``model.`` written, ``backbone.`` accepted)."""
+    swap = lambda name: alias + name[len(prefix):] if name.startswith(prefix) else name
+    out = []
+    for r in rules:
+        other = rename_hf(r, swap)
+        if other == r:
+            out.append(r)
+        else:
+            primary = r.options if isinstance(r, LayoutChoice) else ((r,),)
+            aliased = other.options if isinstance(other, LayoutChoice) else ((other,),)
+            out.append(LayoutChoice(primary + aliased))
+    return out
