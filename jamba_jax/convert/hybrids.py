@@ -13,10 +13,9 @@ Layer mapping (``L`` = decoder layers in the checkpoint, our stack has one subla
 
 Readers accept the older checkpoint layouts that transformers itself converts on load: Jamba's
 per-expert ``experts.{e}.{gate,up,down}_proj.weight`` and Nemotron-H's ``backbone.`` prefix and
-per-expert ``experts.{e}.{up,down}_proj.weight``. Writers use the 5.x module layout (fused experts,
-``model.`` prefix), which transformers 5.x loads as is. (transformers' own ``save_pretrained`` reverts
-its load-time conversion and writes the older layout; swap the option order of the `LayoutChoice`s
-below to write that instead.)
+per-expert ``experts.{e}.{up,down}_proj.weight``, and the 5.x in-memory module layout (fused experts,
+``model.`` prefix). Writers use the on-disk layout that transformers' own ``save_pretrained`` writes
+(per-expert, ``backbone.``), which every transformers version and other tools read.
 Anything a family cannot express raises ``ValueError`` naming the field.
 """
 
@@ -205,7 +204,7 @@ def _jamba_ff_rules(cfg: ModelConfig):
                  Rule(f"{hf}.experts.down_proj", f"{ours}.down_proj", "experts"))
         per_expert = tuple(StackRule(f"{hf}.experts.{{e}}.{name}.weight", f"{ours}.{name}", e, "linear")
                            for name in ("gate_proj", "up_proj", "down_proj"))
-        return [*linear_rules(f"{hf}.router", f"{ours}.router", False), LayoutChoice((fused, per_expert))]
+        return [*linear_rules(f"{hf}.router", f"{ours}.router", False), LayoutChoice((per_expert, fused))]
 
     return rules
 
@@ -357,10 +356,10 @@ def _nemotron_to_hf(cfg: ModelConfig) -> dict:
 
 
 def _nemotron_rules(cfg: ModelConfig) -> list:
-    rules = lm_rules(cfg, embed="model.embeddings.weight", final_norm="model.norm_f.weight",
-                     layer_prefix="model.layers")
+    rules = lm_rules(cfg, embed="backbone.embeddings.weight", final_norm="backbone.norm_f.weight",
+                     layer_prefix="backbone.layers")
     for i, kind in enumerate(cfg.layers):
-        hf, ours = f"model.layers.{i}.mixer", f"layers.{i}.mixer"
+        hf, ours = f"backbone.layers.{i}.mixer", f"layers.{i}.mixer"
         if kind == "mamba2":
             rules += mamba2_rules(hf, ours, cfg.mamba2)
         elif kind == "attention":
@@ -375,11 +374,11 @@ def _nemotron_rules(cfg: ModelConfig) -> list:
                                for name in ("up_proj", "down_proj"))
             rules += [*linear_rules(f"{hf}.gate", f"{ours}.router", False),
                       Rule(f"{hf}.gate.e_score_correction_bias", f"{ours}.e_score_correction_bias"),
-                      LayoutChoice((fused, per_expert)),
+                      LayoutChoice((per_expert, fused)),
                       *_mlp_rules(f"{hf}.shared_experts", f"{ours}.shared_expert",
                                   MLPConfig(d_ff=cfg.moe.shared_d_ff, activation=cfg.moe.activation))]
-    # NVIDIA's own checkpoints name the base model "backbone" (transformers renames it to "model" on load)
-    return with_prefix_alias(rules, "model.", "backbone.")
+    # Checkpoints on disk name the base model "backbone" (transformers renames it "model" on load)
+    return with_prefix_alias(rules, "backbone.", "model.")
 
 
 register(Family("nemotron_h", "NemotronHForCausalLM", _nemotron_from_hf, _nemotron_to_hf, _nemotron_rules))
