@@ -140,7 +140,7 @@ def test_perturbed_tensor_fails_at_its_layer(checkpoints, tmp_path, name, tensor
 
 def test_cli_subprocess_exit_code_and_report(checkpoints, tmp_path):
     """``python -m jamba_jax.compare``: a perturbed norm weight of layer 2 fails there; the clean
-    checkpoint passes."""
+    checkpoint passes in bfloat16 (with transformers' own bfloat16 error as the yardstick)."""
     src = checkpoints("mamba")
     bad = _perturb(src, tmp_path / "bad", "layers.2.norm.weight")
     run = subprocess.run([sys.executable, "-m", "jamba_jax.compare", "--model", str(src), "--jax-model", str(bad),
@@ -148,7 +148,12 @@ def test_cli_subprocess_exit_code_and_report(checkpoints, tmp_path):
                          cwd=Path(__file__).resolve().parent.parent)
     assert run.returncode == 1, run.stdout + run.stderr
     assert "FAIL" in run.stdout and "first divergence at sublayer 2 (mamba1), HF layer 2" in run.stdout
-    assert main(["--model", str(src), "--prompt", "x = 1", "--dtype", "bfloat16"]) == 0
+    out = tmp_path / "bf16.json"
+    assert main(["--model", str(src), "--prompt", "x = 1", "--dtype", "bfloat16", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["tokens"].startswith("prompt 'x = 1' (UTF-8 bytes")
+    assert 0 < report["logits"]["rel_l2"] < report["logits"]["tolerance"]
+    assert report["logits"]["yardstick_rel_l2"] > 0 and report["logits"]["tolerance"] >= 3e-2
 
 
 def test_bad_input_exits_2(tmp_path, capsys):
