@@ -253,6 +253,8 @@ def run_reference(torch_model, ids: np.ndarray, model_type: str, device: str = "
             t_ids = torch.as_tensor(ids, dtype=torch.long, device=device)
             out = torch_model(t_ids, output_hidden_states=True)
             emb = torch_model.get_input_embeddings()(t_ids)
+            final_is_normed = "final_in" in captured and torch.equal(out.hidden_states[-1],
+                                                                     final_norm(captured["final_in"]))
     finally:
         for h in hooks:
             h.remove()
@@ -264,7 +266,7 @@ def run_reference(torch_model, ids: np.ndarray, model_type: str, device: str = "
     if embeddings_first != bool(torch.equal(hs[0].float(), emb.float())):
         raise RuntimeError(f"{type(torch_model).__name__}: hidden_states[0] is {'not ' if embeddings_first else ''}"
                            f"the embeddings; transformers changed what it returns (update HIDDEN_STATES_LAYOUT)")
-    if not torch.equal(hs[-1], final_norm(captured["final_in"])):
+    if not final_is_normed:
         raise RuntimeError(f"{type(torch_model).__name__}: hidden_states[-1] is not the final-normed output")
     streams, sources = [], []
     for i in range(n):  # the residual stream after each transformers layer (and its mixer, for pairs)
@@ -385,8 +387,8 @@ def compare(model_dir: str | os.PathLike, *, dtype: str = "float32", seq_len: in
         model = jamba_jax.from_pretrained(ours_dir, dtype=jdtype, param_dtype=jdtype, impl=impl)
         t_load = time.perf_counter()
         cfg = model.config
-        ids, tokens = _input_ids(model_dir, cfg, torch_model.config.vocab_size, prompt=prompt, seq_len=seq_len,
-                                 batch=batch, seed=seed)
+        vocab = hf.get("vocab_size", cfg.vocab_size) if mamba_ssm else torch_model.config.vocab_size  # unpadded
+        ids, tokens = _input_ids(model_dir, cfg, vocab, prompt=prompt, seq_len=seq_len, batch=batch, seed=seed)
         ours = run_ours(model, ids)
     t_ours = time.perf_counter()
     ref = run_reference(torch_model, ids, model_type, torch_device)
