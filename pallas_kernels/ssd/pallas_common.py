@@ -223,6 +223,51 @@ def group_grads_from_scores(W_sum, B, C, precision):
     return mm(Wo, C, "tn", precision), mm(Wo, B, "nn", precision)
 
 
+# --------------------------------------------------------------------------- pallas_call outputs
+def _varying_axes(arrays):
+    axes = frozenset()
+    for a in arrays:
+        if a is None:
+            continue
+        aval = jax.typeof(a)
+        mat = getattr(aval, "manual_axis_type", None)
+        axes |= frozenset(getattr(mat, "varying", None) or getattr(aval, "vma", None) or ())
+    return axes
+
+
+def out_struct(shape, dtype, inputs):
+    """``jax.ShapeDtypeStruct`` for a kernel output, varying over the manual mesh axes that any
+    of ``inputs`` varies over: inside ``jax.shard_map`` (check_vma on) pallas_call outputs must
+    declare it.  Outside shard_map the set is empty."""
+    axes = _varying_axes(inputs)
+    if not axes:
+        return jax.ShapeDtypeStruct(shape, dtype)
+    manual_axis_type = getattr(jax.sharding, "ManualAxisType", None)
+    if manual_axis_type is not None:          # JAX >= 0.10
+        return jax.ShapeDtypeStruct(shape, dtype,
+                                    manual_axis_type=manual_axis_type(varying=axes))
+    return jax.ShapeDtypeStruct(shape, dtype, vma=axes)
+
+
+def _make_varying(a, axes):
+    if hasattr(jax.lax, "pcast"):             # JAX >= 0.8
+        return jax.lax.pcast(a, tuple(axes), to="varying")
+    return jax.lax.pvary(a, tuple(axes))
+
+
+def vary_alike(P):
+    """Inside ``jax.shard_map``: make every array vary over the union of the manual axes the
+    arrays vary over (e.g. A or D, sharded over heads only, next to x sharded over batch and
+    heads), so the kernels' outputs and the custom_vjp cotangents have one type; JAX's own
+    transpose of this cast then sums the gradients of such arrays over the other axes."""
+    axes = _varying_axes(P)
+    if not axes:
+        return P
+    fix = lambda a: a if a is None or not (missing := axes - _varying_axes([a])) else (
+        _make_varying(a, sorted(missing)))
+    return Prepared(*(fix(a) for a in P))
+
+
 # --------------------------------------------------------------------------- XLA around the kernels
 def next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
@@ -280,7 +325,9 @@ def prepare(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, initial_state,
     sid = sid_prev = None
     if segment_ids is not None:
         sid = jnp.cumsum(segment_starts(segment_ids, b, l).astype(jnp.int32), axis=1)
-        sid = jnp.pad(sid, [(0, 0), (0, pl_)], mode="edge").astype(f32)
+        if pl_:   # continue the last segment (concatenate: no slicing of the batch dim)
+            sid = jnp.concatenate([sid, jnp.broadcast_to(sid[:, -1:], (b, pl_))], axis=1)
+        sid = sid.astype(f32)
         sid = lax.stop_gradient(sid)
         sid_prev = jnp.concatenate([jnp.zeros((b, 1), f32), sid[:, T - 1:L - 1:T]], axis=1)
     return Prepared(xs, dtp, cum, Bs, Cs, Ds, zs, init, sid, sid_prev)
@@ -337,6 +384,7 @@ def run(core, x, dt, A, B, C, *, chunk_size, D, z, dt_bias, dt_softplus, dt_limi
     g, n = B.shape[2:]
     P = prepare(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, initial_state, segment_ids,
                 block_t, pad_p, pad_n)
+    P = vary_alike(P)
     cfg = Config(block_t=block_t, heads_per_group=h // g, has_init=P.init is not None,
                  has_segments=P.sid is not None, has_D=P.D is not None, has_z=P.z is not None,
                  op_dtype=jnp.dtype(x.dtype),

@@ -166,17 +166,18 @@ def forward(cfg: pc.Config, P: pc.Prepared, save: bool):
     if cfg.has_z:
         add("z", P.z, x_spec)
 
+    struct = functools.partial(pc.out_struct, inputs=args)
     out_names = ["y", "final"]
-    out_shapes = [jax.ShapeDtypeStruct((b, L, h, p), cfg.op_dtype),
-                  jax.ShapeDtypeStruct((b, h, p, n), f32)]
+    out_shapes = [struct((b, L, h, p), cfg.op_dtype),
+                  struct((b, h, p, n), f32)]
     out_specs = [x_spec, st_spec]
     if save:
         out_names.append("states")
-        out_shapes.append(jax.ShapeDtypeStruct((b, nc, h, p, n), cfg.state_dtype))
+        out_shapes.append(struct((b, nc, h, p, n), cfg.state_dtype))
         out_specs.append(pl.BlockSpec((None, nc, None, pb, n), lambda i, j, k: (i, 0, j, k, 0)))
         if cfg.has_z:
             out_names.append("y_pre")
-            out_shapes.append(jax.ShapeDtypeStruct((b, L, h, p), cfg.op_dtype))
+            out_shapes.append(struct((b, L, h, p), cfg.op_dtype))
             out_specs.append(x_spec)
 
     kernel = functools.partial(_fwd_kernel, cfg=cfg, names=tuple(names + out_names), nc=nc,
@@ -232,13 +233,14 @@ def backward_dstates(cfg: pc.Config, P: pc.Prepared, dy, dfinal):
         add("sid_prev", P.sid_prev, pl.BlockSpec((None, nc), lambda i, j, k: (i, 0)))
     add("dfinal", dfinal, st_spec)
     out_names = ["dstates", "dinit"]
+    struct = functools.partial(pc.out_struct, inputs=args)
     kernel = functools.partial(_dstate_kernel, cfg=cfg, names=tuple(names + out_names), nc=nc)
     dstates, dinit = pl.pallas_call(
         kernel, grid=(b, h, p // pb), in_specs=specs,
         out_specs=[pl.BlockSpec((None, nc, None, pb, n), lambda i, j, k: (i, 0, j, k, 0)),
                    st_spec],
-        out_shape=[jax.ShapeDtypeStruct((b, nc, h, p, n), cfg.state_dtype),
-                   jax.ShapeDtypeStruct((b, h, p, n), f32)],
+        out_shape=[struct((b, nc, h, p, n), cfg.state_dtype),
+                   struct((b, h, p, n), f32)],
         compiler_params=_params(opt.dstate_warps, opt.fwd_stages), interpret=opt.interpret,
         name="ssd_bwd_dstate",
     )(*args)
@@ -315,17 +317,18 @@ def backward_chunks(cfg: pc.Config, P: pc.Prepared, dy, states, dstates):
     if cfg.has_D:
         add("D", P.D, pl.BlockSpec((hs, p), lambda i, c, k: (k, 0)))
 
+    struct = functools.partial(pc.out_struct, inputs=args)
     out_names = ["dx", "ddt", "dcum", "dB", "dC"]
     part_spec = pl.BlockSpec((None, T, None, n), lambda i, c, k: (i, c, k, 0))
-    out_shapes = [jax.ShapeDtypeStruct((b, L, h, p), cfg.op_dtype),
-                  jax.ShapeDtypeStruct((b, h, L), f32),
-                  jax.ShapeDtypeStruct((b, h, L), f32),
-                  jax.ShapeDtypeStruct((b, L, g * S, n), f32),
-                  jax.ShapeDtypeStruct((b, L, g * S, n), f32)]
+    out_shapes = [struct((b, L, h, p), cfg.op_dtype),
+                  struct((b, h, L), f32),
+                  struct((b, h, L), f32),
+                  struct((b, L, g * S, n), f32),
+                  struct((b, L, g * S, n), f32)]
     out_specs = [xs_spec, hl_spec, hl_spec, part_spec, part_spec]
     if cfg.has_D:
         out_names.append("dD")
-        out_shapes.append(jax.ShapeDtypeStruct((b, nc, h, p), f32))
+        out_shapes.append(struct((b, nc, h, p), f32))
         out_specs.append(pl.BlockSpec((None, None, hs, p), lambda i, c, k: (i, c, k, 0)))
 
     kernel = functools.partial(_chunk_grad_kernel, cfg=cfg, names=tuple(names + out_names),
