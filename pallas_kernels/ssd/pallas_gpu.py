@@ -9,7 +9,7 @@ Why Triton and not Mosaic GPU (the default Pallas GPU lowering since JAX 0.9):
   64x64 and 64x128 products with exp/mask work in between): Triton's compiler already turns
   ``tt.dot`` into Hopper ``wgmma`` and software-pipelines the chunk loads (``num_stages``), while
   Mosaic GPU would have us hand-schedule warpgroups, barriers and TMA for modest gains;
-* it also lowers for ROCm.
+* the same lowering also targets ROCm (not tried here).
 The price: the Triton lowering is deprecated from JAX 0.11 on and must be selected explicitly,
 which ``compiler_params=pltriton.CompilerParams(...)`` does (also in 0.11).
 
