@@ -130,7 +130,10 @@ def out_struct(shape, dtype, inputs):
     """ShapeDtypeStruct for a kernel output that varies over the manual mesh axes of its
     inputs: inside ``jax.shard_map`` (check_vma) Pallas needs to be told."""
     varying = frozenset().union(*(_varying(x) for x in inputs if x is not None))
-    if hasattr(jax.sharding, "ManualAxisType"):                      # jax >= 0.10
-        return jax.ShapeDtypeStruct(
-            shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=varying))
-    return jax.ShapeDtypeStruct(shape, dtype, vma=varying)
+    try:
+        if hasattr(jax.sharding, "ManualAxisType"):                  # jax >= 0.10
+            return jax.ShapeDtypeStruct(
+                shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=varying))
+        return jax.ShapeDtypeStruct(shape, dtype, vma=varying)
+    except TypeError:                                                # another jax: no vma
+        return jax.ShapeDtypeStruct(shape, dtype)

@@ -62,18 +62,19 @@ class GpuConfig:
     """Block sizes of the GPU kernels (powers of two).
 
     fwd_d_block / fwd_num_warps / unroll: forward channels per program, warps, steps per
-      unrolled group.
+      unrolled group.  prefetch: load the next group while computing this one.
     bwd_d_block / bwd_num_warps: same for the backward.
     chunk: steps between stored checkpoints (forward under differentiation; backward chunk).
     sub_chunk: steps whose states the backward keeps in registers at once (divides chunk).
     """
     fwd_d_block: int = 32
     fwd_num_warps: int = 1
-    unroll: int = 8
+    unroll: int = 4
+    prefetch: bool = True
     bwd_d_block: int = 16
     bwd_num_warps: int = 1
-    chunk: int = 64
-    sub_chunk: int = 8
+    chunk: int = 16
+    sub_chunk: int = 4
 
     def __post_init__(self):
         for name in ("fwd_d_block", "fwd_num_warps", "unroll", "bwd_d_block", "bwd_num_warps",
@@ -134,14 +135,16 @@ def _take(it, flag):
     return next(it) if flag else None
 
 
-def _delta_loader(st, dt_ref, bias):
-    """t -> (delta before softplus (bias added), delta used by the recurrence), float32."""
-    def load(t):
-        pre = dt_ref[t, :].astype(f32)
-        if bias is not None:
-            pre = pre + bias
-        return pre, (softplus(pre) if st.softplus else pre)
-    return load
+def _load_rows(ref, n, db, *prefix):
+    """A float32 (n, db) block assembled from n one-row loads.  A single 2-D load would be
+    vectorised along d and make Triton split n over 8 threads for the whole kernel (the
+    per-channel work of a step is then repeated 8 times); built from rows, the state keeps
+    Triton's default layout: each thread holds one channel and half of its n states."""
+    rows = lax.broadcasted_iota(jnp.int32, (n, db), 0)
+    out = jnp.zeros((n, db), f32)
+    for i in range(n):
+        out = jnp.where(rows == i, ref[(*prefix, i, slice(None))].astype(f32)[None, :], out)
+    return out
 
 
 # --------------------------------------------------------------------------- forward
@@ -153,46 +156,71 @@ def _fwd_kernel(st: _Static, save: bool, *refs):
     y_ref, final_ref = next(it), next(it)
     ck_ref = _take(it, save)
 
-    n, db, K1 = st.n, st.fwd_block, st.cfg.chunk
-    A2 = A_ref[...].astype(f32) * LOG2E                       # exp(x A) = exp2(x A log2 e)
+    n, db, K1, U = st.n, st.fwd_block, st.cfg.chunk, st.cfg.unroll
+    A = _load_rows(A_ref, n, db)
     Dv = D_ref[...].astype(f32) if st.has_D else None
     bias = bias_ref[...].astype(f32) if st.has_bias else None
-    load_delta = _delta_loader(st, dt_ref, bias)
 
-    def step(t, h):
-        u = u_ref[t, :].astype(f32)                           # (db,)
-        _, dl = load_delta(t)
-        a = jnp.exp2(dl[None, :] * A2)                        # (n, db)
-        if st.has_keep:
-            a = a * keep_ref[t]
-        h = a * h + B_ref[t, :].astype(f32)[:, None] * (dl * u)[None, :]
-        y = jnp.sum(h * C_ref[t, :].astype(f32)[:, None], axis=0)
+    def load(t):
+        """Step t's per-channel inputs, as stored (t past the end is clamped: prefetch
+        overrun)."""
+        t = jnp.minimum(t, st.l - 1)
+        return (u_ref[t, :], dt_ref[t, :], z_ref[t, :] if st.has_z else None,
+                keep_ref[t] if st.has_keep else None)
+
+    def step(v, Bt, Ct, h):
+        u, pre, zt, keep = v
+        u = u.astype(f32)
+        pre = pre.astype(f32)
+        if bias is not None:
+            pre = pre + bias
+        dl = softplus(pre) if st.softplus else pre
+        a = jnp.exp2((dl * LOG2E)[None, :] * A)               # exp(dl A), (n, db)
+        if keep is not None:
+            a = a * keep
+        h = a * h + Bt[:, None] * (dl * u)[None, :]
+        y = jnp.sum(h * Ct[:, None], axis=0)
         if st.has_D:
             y = y + Dv * u
-        if st.has_z:
-            zt = z_ref[t, :].astype(f32)
+        if zt is not None:
+            zt = zt.astype(f32)
             y = y * (zt * sigmoid(zt))
-        y_ref[t, :] = y.astype(y_ref.dtype)
+        return h, y.astype(y_ref.dtype)
+
+    def group_body(t0, count, vals, h):
+        """``count`` steps from t0 with their per-channel inputs ``vals``: B / C loads
+        first, then the recurrence, then the stores (a store may alias any later load, so
+        none sits between the group's loads)."""
+        bc = [(B_ref[t0 + k, :], C_ref[t0 + k, :]) for k in range(count)]
+        ys = []
+        for k in range(count):
+            h, y = step(vals[k], *bc[k], h)
+            ys.append(y)
+        for k in range(count):
+            y_ref[t0 + k, :] = ys[k]
         return h
 
     def run(t0, count, h):
-        """``count`` (static) steps from t0, in unrolled groups."""
-        U = st.cfg.unroll
+        """``count`` (static) steps from t0 in unrolled groups of U.  With ``prefetch`` the
+        next group's per-channel rows are loaded before this group's compute and carried
+        in registers (one register per row), overlapping their latency with a group."""
         groups, rem = divmod(count, U)
-
-        def group(gi, h):
-            tg = t0 + gi * U
-            for k in range(U):
-                h = step(tg + k, h)
-            return h
-
-        if groups:
+        if groups and st.cfg.prefetch:
+            def group(i, carry):
+                h, cur = carry
+                nxt = [load(t0 + (i + 1) * U + k) for k in range(U)]
+                return group_body(t0 + i * U, U, cur, h), nxt
+            h, _ = lax.fori_loop(0, groups, group, (h, [load(t0 + k) for k in range(U)]))
+        elif groups:
+            def group(i, h):
+                return group_body(t0 + i * U, U, [load(t0 + i * U + k) for k in range(U)], h)
             h = lax.fori_loop(0, groups, group, h)
-        for k in range(rem):
-            h = step(t0 + groups * U + k, h)
+        if rem:
+            tr = t0 + groups * U
+            h = group_body(tr, rem, [load(tr + k) for k in range(rem)], h)
         return h
 
-    h = h0_ref[...].astype(f32) if st.has_h0 else jnp.zeros((n, db), f32)
+    h = _load_rows(h0_ref, n, db) if st.has_h0 else jnp.zeros((n, db), f32)
     if not save:
         h = run(0, st.l, h)
     else:
@@ -251,32 +279,49 @@ def _bwd_kernel(st: _Static, *refs):
     n, db = st.n, st.bwd_block
     K1, K2 = st.cfg.chunk, st.cfg.sub_chunk
     M = K1 // K2
-    A = A_ref[...].astype(f32)
-    A2 = A * LOG2E
+    A = _load_rows(A_ref, n, db)
     Dv = D_ref[...].astype(f32) if st.has_D else None
     bias = bias_ref[...].astype(f32) if st.has_bias else None
-    load_delta = _delta_loader(st, dt_ref, bias)
     sub_index = lax.broadcasted_iota(jnp.int32, (M, 1, 1), 0)
 
-    def recompute(t, h):
-        """One forward step; returns the new state and what the adjoint step reuses."""
-        u = u_ref[t, :].astype(f32)
-        pre, dl = load_delta(t)
+    def load(t):
+        """Inputs of the forward step t, as stored."""
+        return (u_ref[t, :], dt_ref[t, :], B_ref[t, :], keep_ref[t] if st.has_keep else None)
+
+    def load_adjoint(t):
+        """Inputs that only the adjoint step t reads."""
+        return C_ref[t, :], dout_ref[t, :], (z_ref[t, :] if st.has_z else None)
+
+    def recompute(v, h):
+        """One forward step from loaded inputs; returns the new state and what the
+        adjoint step reuses."""
+        u, pre, Bt, keep = v
+        u = u.astype(f32)
+        pre = pre.astype(f32)
+        if bias is not None:
+            pre = pre + bias
+        dl = softplus(pre) if st.softplus else pre
         x = dl * u
-        Bt = B_ref[t, :].astype(f32)
-        a = jnp.exp2(dl[None, :] * A2)
-        if st.has_keep:
-            a = a * keep_ref[t]
+        Bt = Bt.astype(f32)
+        a = jnp.exp2((dl * LOG2E)[None, :] * A)
+        if keep is not None:
+            a = a * keep
         return a * h + Bt[:, None] * x[None, :], (u, pre, dl, x, Bt, a)
 
-    def adjoint(t, saved, h_prev, h, carry):
+    def advance(t0, count, h):
+        vals = [load(t0 + k) for k in range(count)]
+        for k in range(count):
+            h, _ = recompute(vals[k], h)
+        return h
+
+    def adjoint(t, saved, adj, h_prev, h, carry):
         g, dA, dD, dbias = carry
         u, pre, dl, x, Bt, a = saved
-        Ct = C_ref[t, :].astype(f32)
-        dout = dout_ref[t, :].astype(f32)
-        if st.has_z:
-            zt = z_ref[t, :].astype(f32)
-            gate, gate_grad = gate_and_grad(zt)
+        Ct, dout, zt = adj
+        Ct = Ct.astype(f32)
+        dout = dout.astype(f32)
+        if zt is not None:
+            gate, gate_grad = gate_and_grad(zt.astype(f32))
             y = jnp.sum(h * Ct[:, None], axis=0)
             if st.has_D:
                 y = y + Dv * u
@@ -304,25 +349,27 @@ def _bwd_kernel(st: _Static, *refs):
         return a * dh, dA, dD, dbias
 
     def sub_chunk_backward(t0, count, h, carry):
-        """Recompute ``count`` (static) states from h (state before t0), then adjoint them."""
+        """Recompute ``count`` (static) states from h (state before t0), then adjoint them.
+        Every load of the sub-chunk is issued before its first store."""
+        vals = [load(t0 + k) for k in range(count)]
+        adj = [load_adjoint(t0 + k) for k in range(count)]
         hs, saved = [h], []
         for k in range(count):
-            h, s = recompute(t0 + k, h)
+            h, s = recompute(vals[k], h)
             hs.append(h)
             saved.append(s)
         for k in reversed(range(count)):
-            carry = adjoint(t0 + k, saved[k], hs[k], hs[k + 1], carry)
+            carry = adjoint(t0 + k, saved[k], adj[k], hs[k], hs[k + 1], carry)
         return carry
 
     def chunk_backward(t0, c, full_subs, tail, carry):
         """Chunk c (starting at t0): ``full_subs`` sub-chunks of K2 steps, then ``tail`` steps."""
-        h = ck_ref[c, :, :]
+        h = _load_rows(ck_ref, n, db, c)
         subs = jnp.where(sub_index == 0, h[None], jnp.zeros((M, n, db), f32))
 
         def level1(m, hs):
             h, subs = hs
-            for k in range(K2):
-                h, _ = recompute(t0 + m * K2 + k, h)
+            h = advance(t0 + m * K2, K2, h)
             return h, jnp.where(sub_index == m + 1, h[None], subs)
 
         advances = full_subs - 1 + (1 if tail else 0)
@@ -341,7 +388,7 @@ def _bwd_kernel(st: _Static, *refs):
         return carry
 
     zeros_d = jnp.zeros((db,), f32)
-    carry = (dfinal_ref[...].astype(f32), jnp.zeros((n, db), f32), zeros_d, zeros_d)
+    carry = (_load_rows(dfinal_ref, n, db), jnp.zeros((n, db), f32), zeros_d, zeros_d)
     full, r = divmod(st.l, K1)
     if r:
         carry = chunk_backward(full * K1, full, r // K2, r % K2, carry)
@@ -433,8 +480,10 @@ def selective_scan_pallas_gpu(
         bwd_block=largest_pow2_divisor(d // g, cfg.bwd_d_block),
         cfg=cfg, interpret=bool(interpret),
     )
+    # B / C are small (b * l * g * n): reading them as float32 spares the kernel unpacking
+    # 2 * n bf16 values per step and thread.
     y, final = _core(
-        st, u, delta, A_nd, pad_n(Bg), pad_n(Cg),
+        st, u, delta, A_nd, pad_n(Bg.astype(f32)), pad_n(Cg.astype(f32)),
         None if D is None else D.astype(f32), z,
         None if delta_bias is None else delta_bias.astype(f32),
         h0, keep_from_segments(segment_ids, b, l),

@@ -1,0 +1,298 @@
+"""Benchmark of the Mamba-1 selective scan on one GPU: the Pallas kernel against our XLA paths.
+
+    python benchmarks/selective_scan.py                  # on a GPU: check, then time
+    python benchmarks/selective_scan.py --tiny           # CPU smoke test (interpret mode)
+
+Shapes: one Jamba-v0.1 Mamba layer (b=2, l=4096, d=8192, n=16) and one mamba-130m layer
+(b=8, l=2048, d=1536, n=16); bf16 u / delta / B / C / z, float32 A / D / delta_bias,
+delta_softplus with a bias, like a Mamba block.  Timed: ``impl="pallas_gpu"`` (a few block
+configurations), ``impl="xla"`` (chunked associative scan) and ``impl="reference"`` (one
+lax.scan step per token), forward alone and forward + backward (the gradient of every
+input).  Each time is the median over ``--reps`` repetitions after a warm-up, each
+repetition averaging ``--inner`` back-to-back calls.
+
+The memory floor is the time to move each operand once at ``--bandwidth`` bytes/s:
+forward reads u, delta, B, C, z and writes y; forward + backward also reads dy and writes
+du, d(delta), dB, dC, dz (A, D and the bias are negligible).
+
+Before timing, the kernel is checked on the GPU against the sequential reference in float32
+(values and all gradients, segments, initial state, l not a multiple of the chunk), and at
+the benchmark shapes against ``impl="xla"``.  A log and a JSON of all numbers go to $OUT
+when it is set; the short table is printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pallas_kernels.selective_scan import selective_scan_reference, selective_scan_xla  # noqa: E402
+from pallas_kernels.selective_scan.pallas_gpu import GpuConfig, selective_scan_pallas_gpu  # noqa: E402
+
+SHAPES = {"jamba-v0.1": (2, 4096, 8192, 16), "mamba-130m": (8, 2048, 1536, 16)}
+TINY_SHAPES = {"tiny": (2, 70, 64, 16)}
+# forward variants: (fwd_d_block, fwd_num_warps, unroll, prefetch); backward: (bwd_d_block,
+# bwd_num_warps, chunk, sub_chunk).  The first of each is GpuConfig's default.  Variants are
+# timed at the first shape only; later shapes use the fastest.
+FWD_VARIANTS = [(32, 1, 4, True), (16, 1, 4, True), (32, 1, 4, False)]
+BWD_VARIANTS = [(16, 1, 16, 4), (32, 1, 8, 2)]
+
+LOG = []
+
+
+def log(*a):
+    line = " ".join(str(x) for x in a)
+    print(line, flush=True)
+    LOG.append(line)
+
+
+def rel(a, b):
+    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def make_inputs(key_seed, b, l, d, n, dtype):
+    """Mamba-like random inputs (never zeros): dt in [1e-3, 1e-1] through softplus(bias)."""
+    rng = np.random.default_rng(key_seed)
+    dt = np.exp(rng.uniform(np.log(1e-3), np.log(1e-1), d))
+    x = dict(
+        u=rng.standard_normal((b, l, d)),
+        delta=0.5 * rng.standard_normal((b, l, d)),
+        A=-np.tile(np.arange(1, n + 1, dtype=np.float64), (d, 1)) * np.exp(0.1 * rng.standard_normal((d, n))),
+        B=rng.standard_normal((b, l, n)),
+        C=rng.standard_normal((b, l, n)),
+        D=rng.standard_normal(d),
+        z=rng.standard_normal((b, l, d)),
+        delta_bias=np.log(np.expm1(dt)),
+    )
+    f32_names = ("A", "D", "delta_bias")
+    return {k: jnp.asarray(v, jnp.float32 if k in f32_names else dtype) for k, v in x.items()}
+
+
+def fwd_fn(impl):
+    def f(x):
+        y, s = impl(**x, delta_softplus=True)
+        return y, s
+    return jax.jit(f)
+
+
+def fwd_bwd_fn(impl):
+    def f(x, dy):
+        (y, s), vjp = jax.vjp(lambda a: impl(**a, delta_softplus=True), x)
+        return y, vjp((dy, jnp.zeros_like(s)))[0]
+    return jax.jit(f)
+
+
+def timeit(fn, args, reps, inner):
+    out = jax.block_until_ready(fn(*args))            # warm-up (compiles)
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            r = fn(*args)
+        jax.block_until_ready(r)
+        times.append((time.perf_counter() - t0) / inner)
+    return statistics.median(times), out
+
+
+def floor_seconds(b, l, d, n, bytes_per, bandwidth, backward):
+    """Each operand moved once: forward reads u, delta, z, B, C and writes y; forward +
+    backward also reads dy and writes du, d(delta), dz, dB, dC."""
+    bld, bln = b * l * d * bytes_per, b * l * n * bytes_per
+    total = 4 * bld + 2 * bln
+    if backward:
+        total += 4 * bld + 2 * bln
+    return total / bandwidth
+
+
+def gpu_cfg(fv, bv):
+    return GpuConfig(fwd_d_block=fv[0], fwd_num_warps=fv[1], unroll=fv[2], prefetch=fv[3],
+                     bwd_d_block=bv[0], bwd_num_warps=bv[1], chunk=bv[2], sub_chunk=bv[3])
+
+
+def check_small(interpret):
+    """float32 on the device vs the sequential reference: values and every gradient."""
+    b, l, d, n = 2, 203, 64, 16          # 203 = 3 chunks of 64 + 11 (tail: 1 sub-chunk + 3)
+    x = make_inputs(1, b, l, d, n, jnp.float32)
+    x["initial_state"] = jnp.asarray(np.random.default_rng(2).standard_normal((b, d, n)), jnp.float32)
+    seg = np.zeros((b, l), np.int32)
+    seg[:, 50:] += 1
+    seg[:, 128:] += 1
+    seg = jnp.asarray(seg)
+    dy = jnp.asarray(np.random.default_rng(3).standard_normal((b, l, d)), jnp.float32)
+    ds = jnp.asarray(np.random.default_rng(4).standard_normal((b, d, n)), jnp.float32)
+
+    def run(impl):
+        def f(x):
+            (y, s), vjp = jax.vjp(lambda a: impl(**a, delta_softplus=True, segment_ids=seg), x)
+            return y, s, vjp((dy, ds))[0]
+        return jax.jit(f)(x)
+
+    ours = functools.partial(selective_scan_pallas_gpu, interpret=interpret)
+    y, s, g = run(ours)
+    y0, s0, g0 = run(selective_scan_reference)
+    errs = {"y": rel(y, y0), "final_state": rel(s, s0), **{"d" + k: rel(g[k], g0[k]) for k in x}}
+    return errs
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--tiny", action="store_true", help="CPU smoke test in interpret mode")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--inner", type=int, default=3)
+    p.add_argument("--bandwidth", type=float, default=3.0e12, help="bytes/s for the memory floor")
+    p.add_argument("--budget", type=float, default=280.0,
+                   help="seconds; optional variants are skipped past this")
+    p.add_argument("--shapes", default=None, help="comma-separated subset of the shape names")
+    p.add_argument("--no-variants", action="store_true", help="time only the default config")
+    args = p.parse_args()
+    start = time.time()
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    interpret = args.tiny
+    shapes = TINY_SHAPES if args.tiny else SHAPES
+    if args.shapes:
+        shapes = {k: v for k, v in shapes.items() if k in args.shapes.split(",")}
+    fwd_variants = FWD_VARIANTS[:1] if args.no_variants or args.tiny else FWD_VARIANTS
+    bwd_variants = BWD_VARIANTS[:1] if args.no_variants or args.tiny else BWD_VARIANTS
+    best_fv, best_bv = fwd_variants[0], bwd_variants[0]
+    dev = jax.devices()[0]
+    log(f"# selective_scan benchmark {datetime.date.today()} jax {jax.__version__} "
+        f"device {dev.device_kind} ({dev.platform})")
+    results = {"device": dev.device_kind, "jax": jax.__version__, "rows": [], "checks": {}}
+    rows = results["rows"]
+
+    def save():
+        if out_dir:
+            with open(os.path.join(out_dir, "selective_scan_bench.json"), "w") as f:
+                json.dump(results, f, indent=1)
+            with open(os.path.join(out_dir, "selective_scan_bench.log"), "w") as f:
+                f.write("\n".join(LOG) + "\n")
+
+    try:
+        t = time.time()
+        errs = check_small(interpret)
+        results["checks"]["float32_vs_reference"] = errs
+        worst = max(errs.values())
+        log(f"check float32 vs reference (b=2 l=203 d=64 n=16, segments, initial state): "
+            f"worst rel err {worst:.2e} {'OK' if worst < 1e-4 else 'FAIL'} ({time.time() - t:.0f}s)")
+        log("  " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+
+        for name, (b, l, d, n) in shapes.items():
+            x = make_inputs(7, b, l, d, n, jnp.bfloat16)
+            dy = jnp.asarray(np.random.default_rng(8).standard_normal((b, l, d)), jnp.bfloat16)
+            floors = {m: floor_seconds(b, l, d, n, 2, args.bandwidth, m == "fwd+bwd")
+                      for m in ("fwd", "fwd+bwd")}
+            ref_out = {}
+
+            def record(impl_name, mode, fn, fargs, inner, compare=True):
+                t0 = time.time()
+                try:
+                    sec, out = timeit(fn, fargs, args.reps, inner)
+                except Exception as e:  # keep going: a failed variant must not lose the rest
+                    log(f"{name} {mode} {impl_name}: FAILED {type(e).__name__}: {str(e)[:2000]}")
+                    traceback.print_exc()
+                    return None
+                row = dict(shape=name, mode=mode, impl=impl_name, ms=sec * 1e3,
+                           floor_ms=floors[mode] * 1e3)
+                if compare and mode in ref_out:   # vs the XLA path's outputs (bf16)
+                    base = ref_out[mode]
+                    if mode == "fwd":
+                        row["err_vs_xla"] = rel(out[0], base[0])
+                    else:
+                        row["err_vs_xla"] = max([rel(out[0], base[0])]
+                                                + [rel(out[1][k], base[1][k]) for k in base[1]])
+                rows.append(row)
+                log(f"{name} {mode:8s} {impl_name:28s} {sec * 1e3:9.3f} ms  "
+                    f"floor {floors[mode] * 1e3:.3f} ms"
+                    + (f"  err_vs_xla {row['err_vs_xla']:.1e}" if "err_vs_xla" in row else "")
+                    + f"  ({time.time() - t0:.0f}s)")
+                save()
+                return out
+
+            # XLA paths first: their outputs are the comparison baseline.
+            xla = functools.partial(selective_scan_xla)
+            slow_inner = 1
+            o = record("xla", "fwd", fwd_fn(xla), (x,), slow_inner, compare=False)
+            if o is not None:
+                ref_out["fwd"] = o
+            o = record("xla", "fwd+bwd", fwd_bwd_fn(xla), (x, dy), slow_inner, compare=False)
+            if o is not None:
+                ref_out["fwd+bwd"] = o
+            del o
+            record("reference", "fwd", fwd_fn(selective_scan_reference), (x,), slow_inner)
+            record("reference", "fwd+bwd", fwd_bwd_fn(selective_scan_reference), (x, dy), slow_inner)
+
+            best = None
+            for i, fv in enumerate(fwd_variants):
+                if i and time.time() - start > args.budget:
+                    log(f"(budget) skipping forward variant {fv}")
+                    continue
+                impl = functools.partial(selective_scan_pallas_gpu, interpret=interpret,
+                                         config=gpu_cfg(fv, bwd_variants[0]))
+                label = f"pallas fwd(db={fv[0]},w={fv[1]},u={fv[2]}{',pf' if fv[3] else ''})"
+                before = len(rows)
+                record(label, "fwd", fwd_fn(impl), (x,), args.inner)
+                if len(rows) > before and (best is None or rows[-1]["ms"] < best):
+                    best, best_fv = rows[-1]["ms"], fv
+            best_b = None
+            for i, bv in enumerate(bwd_variants):
+                if i and time.time() - start > args.budget:
+                    log(f"(budget) skipping backward variant {bv}")
+                    continue
+                impl = functools.partial(selective_scan_pallas_gpu, interpret=interpret,
+                                         config=gpu_cfg(best_fv, bv))
+                label = f"pallas bwd(db={bv[0]},w={bv[1]},K={bv[2]}/{bv[3]})"
+                before = len(rows)
+                record(label, "fwd+bwd", fwd_bwd_fn(impl), (x, dy), args.inner)
+                if len(rows) > before and (best_b is None or rows[-1]["ms"] < best_b):
+                    best_b, best_bv = rows[-1]["ms"], bv
+            # later shapes: only the fastest variants
+            fwd_variants, bwd_variants = [best_fv], [best_bv]
+            del x, dy, ref_out
+    finally:
+        results["elapsed_s"] = time.time() - start
+        save()
+        summary(rows)
+        save()
+
+
+def summary(rows):
+    log("\n## selective_scan summary (ms, median)")
+    log(f"{'shape':11s} {'mode':8s} {'pallas best':>11s} {'xla':>9s} {'lax.scan':>9s} "
+        f"{'speedup':>8s} {'floor':>7s} {'x floor':>7s}  best pallas config")
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        for mode in ("fwd", "fwd+bwd"):
+            sel = [r for r in rows if r["shape"] == shape and r["mode"] == mode]
+            ours = [r for r in sel if r["impl"].startswith("pallas")]
+            get = lambda name: next((r["ms"] for r in sel if r["impl"] == name), float("nan"))
+            if not sel:
+                continue
+            xla_ms, ref_ms = get("xla"), get("reference")
+            floor = sel[0]["floor_ms"]
+            if ours:
+                b = min(ours, key=lambda r: r["ms"])
+                base = np.nanmin([xla_ms, ref_ms])
+                log(f"{shape:11s} {mode:8s} {b['ms']:11.3f} {xla_ms:9.2f} {ref_ms:9.2f} "
+                    f"{base / b['ms']:7.1f}x {floor:7.3f} {b['ms'] / floor:6.2f}x  {b['impl']}")
+            else:
+                log(f"{shape:11s} {mode:8s} {'n/a':>11s} {xla_ms:9.2f} {ref_ms:9.2f}")
+
+
+if __name__ == "__main__":
+    main()
