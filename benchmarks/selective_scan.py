@@ -46,8 +46,9 @@ TINY_SHAPES = {"tiny": (2, 70, 64, 16)}
 # forward variants: (fwd_d_block, fwd_num_warps, unroll, prefetch); backward: (bwd_d_block,
 # bwd_num_warps, chunk, sub_chunk).  The first of each is GpuConfig's default.  Variants are
 # timed at the first shape only; later shapes use the fastest.
-FWD_VARIANTS = [(32, 1, 4, True), (16, 1, 4, True), (32, 1, 4, False)]
-BWD_VARIANTS = [(16, 1, 16, 4), (32, 1, 8, 2)]
+# (a fifth entry is prefetch_bc, False when absent)
+FWD_VARIANTS = [(16, 1, 4, 1, 1), (16, 1, 4, 1, 0), (8, 1, 4, 1, 1), (32, 1, 4, 1, 0)]
+BWD_VARIANTS = [(16, 1, 16, 4), (8, 1, 16, 4)]
 
 LOG = []
 
@@ -120,7 +121,8 @@ def floor_seconds(b, l, d, n, bytes_per, bandwidth, backward):
 
 
 def gpu_cfg(fv, bv):
-    return GpuConfig(fwd_d_block=fv[0], fwd_num_warps=fv[1], unroll=fv[2], prefetch=fv[3],
+    return GpuConfig(fwd_d_block=fv[0], fwd_num_warps=fv[1], unroll=fv[2], prefetch=bool(fv[3]),
+                     prefetch_bc=bool(fv[4]) if len(fv) > 4 else False,
                      bwd_d_block=bv[0], bwd_num_warps=bv[1], chunk=bv[2], sub_chunk=bv[3])
 
 
@@ -159,6 +161,11 @@ def main():
                    help="seconds; optional variants are skipped past this")
     p.add_argument("--shapes", default=None, help="comma-separated subset of the shape names")
     p.add_argument("--no-variants", action="store_true", help="time only the default config")
+    p.add_argument("--fwd-variants", default=None,
+                   help="';'-separated forward variants, e.g. '16,1,4,1,1;8,1,4,1,1'")
+    p.add_argument("--bwd-variants", default=None, help="';'-separated backward variants")
+    p.add_argument("--skip-baselines", action="store_true", help="time only the Pallas kernel")
+    p.add_argument("--skip-check", action="store_true", help="skip the float32 reference check")
     args = p.parse_args()
     start = time.time()
     out_dir = os.environ.get("OUT")
@@ -170,6 +177,11 @@ def main():
         shapes = {k: v for k, v in shapes.items() if k in args.shapes.split(",")}
     fwd_variants = FWD_VARIANTS[:1] if args.no_variants or args.tiny else FWD_VARIANTS
     bwd_variants = BWD_VARIANTS[:1] if args.no_variants or args.tiny else BWD_VARIANTS
+    parse = lambda text: [tuple(int(v) for v in item.split(",")) for item in text.split(";")]
+    if args.fwd_variants:
+        fwd_variants = parse(args.fwd_variants)
+    if args.bwd_variants:
+        bwd_variants = parse(args.bwd_variants)
     best_fv, best_bv = fwd_variants[0], bwd_variants[0]
     dev = jax.devices()[0]
     log(f"# selective_scan benchmark {datetime.date.today()} jax {jax.__version__} "
@@ -185,13 +197,14 @@ def main():
                 f.write("\n".join(LOG) + "\n")
 
     try:
-        t = time.time()
-        errs = check_small(interpret)
-        results["checks"]["float32_vs_reference"] = errs
-        worst = max(errs.values())
-        log(f"check float32 vs reference (b=2 l=203 d=64 n=16, segments, initial state): "
-            f"worst rel err {worst:.2e} {'OK' if worst < 1e-4 else 'FAIL'} ({time.time() - t:.0f}s)")
-        log("  " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+        if not args.skip_check:
+            t = time.time()
+            errs = check_small(interpret)
+            results["checks"]["float32_vs_reference"] = errs
+            worst = max(errs.values())
+            log(f"check float32 vs reference (b=2 l=203 d=64 n=16, segments, initial state): "
+                f"worst rel err {worst:.2e} {'OK' if worst < 1e-4 else 'FAIL'} ({time.time() - t:.0f}s)")
+            log("  " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
 
         for name, (b, l, d, n) in shapes.items():
             x = make_inputs(7, b, l, d, n, jnp.bfloat16)
@@ -228,15 +241,17 @@ def main():
             # XLA paths first: their outputs are the comparison baseline.
             xla = functools.partial(selective_scan_xla)
             slow_inner = 1
-            o = record("xla", "fwd", fwd_fn(xla), (x,), slow_inner, compare=False)
-            if o is not None:
-                ref_out["fwd"] = o
-            o = record("xla", "fwd+bwd", fwd_bwd_fn(xla), (x, dy), slow_inner, compare=False)
-            if o is not None:
-                ref_out["fwd+bwd"] = o
-            del o
-            record("reference", "fwd", fwd_fn(selective_scan_reference), (x,), slow_inner)
-            record("reference", "fwd+bwd", fwd_bwd_fn(selective_scan_reference), (x, dy), slow_inner)
+            if not args.skip_baselines:
+                o = record("xla", "fwd", fwd_fn(xla), (x,), slow_inner, compare=False)
+                if o is not None:
+                    ref_out["fwd"] = o
+                o = record("xla", "fwd+bwd", fwd_bwd_fn(xla), (x, dy), slow_inner, compare=False)
+                if o is not None:
+                    ref_out["fwd+bwd"] = o
+                del o
+                record("reference", "fwd", fwd_fn(selective_scan_reference), (x,), slow_inner)
+                record("reference", "fwd+bwd", fwd_bwd_fn(selective_scan_reference), (x, dy),
+                       slow_inner)
 
             best = None
             for i, fv in enumerate(fwd_variants):
@@ -245,7 +260,8 @@ def main():
                     continue
                 impl = functools.partial(selective_scan_pallas_gpu, interpret=interpret,
                                          config=gpu_cfg(fv, bwd_variants[0]))
-                label = f"pallas fwd(db={fv[0]},w={fv[1]},u={fv[2]}{',pf' if fv[3] else ''})"
+                pf = (",pf" if fv[3] else "") + (",pf_bc" if len(fv) > 4 and fv[4] else "")
+                label = f"pallas fwd(db={fv[0]},w={fv[1]},u={fv[2]}{pf})"
                 before = len(rows)
                 record(label, "fwd", fwd_fn(impl), (x,), args.inner)
                 if len(rows) > before and (best is None or rows[-1]["ms"] < best):
@@ -287,7 +303,7 @@ def summary(rows):
             floor = sel[0]["floor_ms"]
             if ours:
                 b = min(ours, key=lambda r: r["ms"])
-                base = np.nanmin([xla_ms, ref_ms])
+                base = min(xla_ms, ref_ms) if xla_ms == xla_ms or ref_ms == ref_ms else float("nan")
                 log(f"{shape:11s} {mode:8s} {b['ms']:11.3f} {xla_ms:9.2f} {ref_ms:9.2f} "
                     f"{base / b['ms']:7.1f}x {floor:7.3f} {b['ms'] / floor:6.2f}x  {b['impl']}")
             else:

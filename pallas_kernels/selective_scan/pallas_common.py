@@ -100,16 +100,13 @@ def make_core(forward, backward):
     return core
 
 
-def grouped_partials_to_dBC(part, g: int, layout: str):
+def grouped_partials_to_dBC(part, g: int):
     """Sum per-channel-block partials of dB / dC over the blocks of each group.
 
-    part: float32 (b, nblk, l, n) if layout == "bln" or (b, nblk, n, l) if "bnl", blocks of
-    one group contiguous.  Returns (b, l, g, n) float32."""
+    part: float32 (b, nblk, l, n), the blocks of one group contiguous.  Returns (b, l, g, n)."""
     b, nblk = part.shape[:2]
-    part = part.reshape(b, g, nblk // g, *part.shape[2:]).sum(axis=2)
-    if layout == "bnl":
-        part = jnp.swapaxes(part, 2, 3)          # (b, g, l, n)
-    return jnp.swapaxes(part, 1, 2)              # (b, l, g, n)
+    part = part.reshape(b, g, nblk // g, *part.shape[2:]).sum(axis=2)   # (b, g, l, n)
+    return jnp.swapaxes(part, 1, 2)
 
 
 def _varying(x) -> frozenset:

@@ -11,12 +11,20 @@ two kernels to Mosaic GPU (``plgpu.kernel``) is the way forward when it is remov
 
 Layout (channels last, like the public API):
 
-* grid = (batch, d // d_block); a program owns d_block channels of one batch row and keeps
-  their (n, d_block) float32 state in registers for the whole sequence;
-* per step it loads one row u[t], delta[t], z[t] (d_block values), B[t], C[t] (n values),
-  and stores one row of y.  Steps are unrolled in groups (``unroll``) so that the loads of
-  a group are in flight together; the state update ``h = exp2(delta A log2 e) h + delta u B``
-  is the only loop-carried dependency;
+* grid = (batch, d // d_block); a program (one warp) owns d_block channels of one batch row
+  and keeps their (n, d_block) float32 state in registers for the whole sequence;
+* per step it loads one row u[t], delta[t], z[t] (d_block values) and B[t], C[t] (n values,
+  read as float32: they are small), and stores one row of y.  Steps run in unrolled groups
+  (``unroll``); the next group's loads are issued before this group's compute and carried
+  in registers (``prefetch``, ``prefetch_bc``), and a group's stores come after all its
+  loads (a store may alias a later load as far as the compiler knows).  The scan is bound
+  by memory latency, not bandwidth or arithmetic: on an H100 prefetching B / C as well cut
+  the Jamba-layer forward from 2.44 to 1.44 ms (BENCHMARKS.md);
+* exp(delta A) is computed as exp2((delta log2 e) A), one MUFU op per state element;
+* 2-D blocks (A, checkpoints, initial state, d final) are assembled from n one-row loads:
+  a vectorised 2-D load would make Triton split n over 8 threads for the whole kernel and
+  repeat each step's per-channel work (softplus, gate) 8 times; from rows, the state keeps
+  Triton's default layout (a thread holds one channel and half or all of its n states);
 * under differentiation the forward also stores the state at the start of every ``chunk``
   steps (b * ceil(l / chunk) * d * n floats), never the per-step states.
 
@@ -24,12 +32,13 @@ Backward, per program, chunks in reverse.  Registers cannot be indexed at run ti
 the chunk's states are rebuilt in two levels: level 1 runs the chunk forward from its
 checkpoint and keeps the state at every ``sub_chunk`` boundary in a small (chunk / sub_chunk,
 n, d_block) register tensor (written and read with one-hot selects); level 2 takes the
-sub-chunks in reverse, recomputes each one's ``sub_chunk`` states into a fully unrolled
-Python list (static indices: registers), and runs the adjoint steps backwards over them.
-Each step of the adjoint produces du, d(delta), dz directly, and per-step partial sums of
+sub-chunks in reverse, loads a sub-chunk's inputs, recomputes its states into a fully
+unrolled Python list (static indices: registers), and runs the adjoint steps backwards over
+them.  Each adjoint step produces du, d(delta), dz directly, and per-step partial sums of
 dB / dC over the program's channels (reduced across channel blocks in XLA afterwards);
 dA, dD, d(delta_bias) accumulate in registers and the gradient of the initial state is the
-adjoint carry left after step 0.
+adjoint carry left after step 0.  The defaults (d_block 16, chunk 16, sub_chunk 4) are the
+largest that compile without register spills (checked with ptxas for sm_90a).
 """
 from __future__ import annotations
 
@@ -62,15 +71,17 @@ class GpuConfig:
     """Block sizes of the GPU kernels (powers of two).
 
     fwd_d_block / fwd_num_warps / unroll: forward channels per program, warps, steps per
-      unrolled group.  prefetch: load the next group while computing this one.
+      unrolled group.  prefetch: load the next group's per-channel rows (u, delta, z) while
+      computing this one; prefetch_bc: B and C too (2 * n more registers per step).
     bwd_d_block / bwd_num_warps: same for the backward.
     chunk: steps between stored checkpoints (forward under differentiation; backward chunk).
     sub_chunk: steps whose states the backward keeps in registers at once (divides chunk).
     """
-    fwd_d_block: int = 32
+    fwd_d_block: int = 16
     fwd_num_warps: int = 1
     unroll: int = 4
     prefetch: bool = True
+    prefetch_bc: bool = True
     bwd_d_block: int = 16
     bwd_num_warps: int = 1
     chunk: int = 16
@@ -163,13 +174,14 @@ def _fwd_kernel(st: _Static, save: bool, *refs):
 
     def load(t):
         """Step t's per-channel inputs, as stored (t past the end is clamped: prefetch
-        overrun)."""
+        overrun); with prefetch_bc also B[t], C[t]."""
         t = jnp.minimum(t, st.l - 1)
+        bc = (B_ref[t, :], C_ref[t, :]) if st.cfg.prefetch_bc else None
         return (u_ref[t, :], dt_ref[t, :], z_ref[t, :] if st.has_z else None,
-                keep_ref[t] if st.has_keep else None)
+                keep_ref[t] if st.has_keep else None, bc)
 
     def step(v, Bt, Ct, h):
-        u, pre, zt, keep = v
+        u, pre, zt, keep, _ = v
         u = u.astype(f32)
         pre = pre.astype(f32)
         if bias is not None:
@@ -191,7 +203,8 @@ def _fwd_kernel(st: _Static, save: bool, *refs):
         """``count`` steps from t0 with their per-channel inputs ``vals``: B / C loads
         first, then the recurrence, then the stores (a store may alias any later load, so
         none sits between the group's loads)."""
-        bc = [(B_ref[t0 + k, :], C_ref[t0 + k, :]) for k in range(count)]
+        bc = [vals[k][4] if vals[k][4] is not None else (B_ref[t0 + k, :], C_ref[t0 + k, :])
+              for k in range(count)]
         ys = []
         for k in range(count):
             h, y = step(vals[k], *bc[k], h)
@@ -441,8 +454,8 @@ def _backward(st: _Static, arrays, ckpt, dy, dfinal):
     )(*(x for x, _ in ins)))
     du, ddelta = next(res), next(res)
     dz = _take(res, st.has_z)
-    dB = grouped_partials_to_dBC(next(res), st.g, "bln").astype(B.dtype)
-    dC = grouped_partials_to_dBC(next(res), st.g, "bln").astype(C.dtype)
+    dB = grouped_partials_to_dBC(next(res), st.g).astype(B.dtype)
+    dC = grouped_partials_to_dBC(next(res), st.g).astype(C.dtype)
     dA = next(res).sum(0).astype(A.dtype)
     dD = next(res).sum(0).astype(D.dtype) if st.has_D else None
     dbias = next(res).sum(0).astype(bias.dtype) if st.has_bias else None
