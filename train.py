@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default="runs/default",
                         help="checkpoints, metrics.jsonl, tensorboard/ and config.yaml go here (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted key = YAML value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("absl", "orbax", "jax._src.distributed"):

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import glob
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -48,6 +49,14 @@ def _construct_mapping(loader, node, deep=False):
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+# YAML 1.2 floats: PyYAML (YAML 1.1) reads `3e-4` (no dot) as a string.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _load_yaml_text(text: str):
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def read_yaml(path: str | os.PathLike) -> dict:
@@ -138,7 +147,8 @@ SCHEMA: dict[str, Callable[[Any], str | None]] = {
     "grad_accum_steps": _positive_int,
     "model": _model, "dtype": _choice(*DTYPES), "param_dtype": _choice(*DTYPES),
     "remat": _choice("none", "full", "dots"), "ssm_impl": _str,
-    "learning_rate": _positive, "warmup_steps": _nonneg_int, "min_lr_ratio": _unit, "weight_decay": _nonneg,
+    "learning_rate": _positive, "warmup_steps": _nonneg_int, "min_lr_ratio": _unit,
+    "schedule_steps": _opt_positive_int, "weight_decay": _nonneg,
     "decay_embeddings": _bool, "b1": _beta, "b2": _beta, "eps": _positive, "grad_clip": _nonneg,
     "on_nan": _choice("stop", "skip"),
     "checkpoint_every": _nonneg_int, "keep_checkpoints": _positive_int, "async_checkpointing": _bool,
@@ -218,7 +228,7 @@ def parse_override(arg: str) -> tuple[str, Any]:
     if key in STRING_KEYS and not (SCHEMA[key] is _opt_str and text in ("null", "~")):
         return key, text
     try:
-        return key, yaml.safe_load(text) if text != "" else ""
+        return key, _load_yaml_text(text) if text != "" else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"{key}: cannot read the value {text!r} as YAML: {e}") from None
 
@@ -304,6 +314,7 @@ class TrainConfig:
     learning_rate: float
     warmup_steps: int
     min_lr_ratio: float
+    schedule_steps: int | None
     weight_decay: float
     decay_embeddings: bool
     b1: float
@@ -424,8 +435,10 @@ def build_config(tree: dict, model_overrides: dict[str, Any] | None = None) -> T
     if tree["batch_size"] % tree["grad_accum_steps"]:
         raise ConfigError(f"batch_size: {tree['batch_size']} is not divisible by "
                           f"grad_accum_steps={tree['grad_accum_steps']}")
-    if tree["warmup_steps"] > tree["steps"]:
-        raise ConfigError(f"warmup_steps: {tree['warmup_steps']} is more than steps={tree['steps']}")
+    horizon = tree["schedule_steps"] or tree["steps"]
+    if tree["warmup_steps"] > horizon:
+        raise ConfigError(f"warmup_steps: {tree['warmup_steps']} is more than the schedule's {horizon} steps "
+                          "(schedule_steps, else steps)")
     dist = dict(tree["distributed"])
     if dist["local_device_ids"] is not None:
         dist["local_device_ids"] = tuple(dist["local_device_ids"])

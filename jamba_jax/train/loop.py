@@ -260,7 +260,8 @@ class Trainer:
             generate = None
         if generate is not None and jax.process_count() == 1:
             try:
-                out = generate(self.model(state), np.asarray([ids], np.int32), max_new_tokens=n_tokens)
+                out = generate(self.model(state), np.asarray([ids], np.int32), max_new_tokens=n_tokens,
+                               eos_token_id=tok.eos_id)
                 new = np.asarray(out)[0, len(ids):].tolist()
                 if tok.eos_id in new:
                     new = new[: new.index(tok.eos_id)]

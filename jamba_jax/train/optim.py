@@ -21,8 +21,9 @@ NO_DECAY_NAMES = ("A_log", "D", "dt_bias")
 def learning_rate_schedule(cfg: TrainConfig):
     """``step -> lr``: linear warmup to ``learning_rate`` over ``warmup_steps`` (the first update
     already uses ``lr / warmup_steps``), then a cosine down to ``learning_rate * min_lr_ratio`` at
-    ``steps``."""
-    peak, warmup, total, floor = cfg.learning_rate, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio
+    ``schedule_steps`` (default: ``steps``), and stays there."""
+    peak, warmup, floor = cfg.learning_rate, cfg.warmup_steps, cfg.min_lr_ratio
+    total = cfg.schedule_steps or cfg.steps
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
