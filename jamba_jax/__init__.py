@@ -4,7 +4,8 @@ from jamba_jax.config import (AttentionConfig, Mamba1Config, Mamba2Config, MLPCo
                               RopeConfig, jamba_layers, layers_from_pattern)
 from jamba_jax.convert import from_pretrained, save_pretrained
 from jamba_jax.model import LanguageModel
+from jamba_jax.generate import generate  # the function; `from jamba_jax.generate import X` for the rest
 
 __all__ = ["AttentionConfig", "LanguageModel", "Mamba1Config", "Mamba2Config", "MLPConfig", "ModelConfig",
-           "MoEConfig", "RopeConfig", "from_pretrained", "jamba_layers", "layers_from_pattern",
+           "MoEConfig", "RopeConfig", "from_pretrained", "generate", "jamba_layers", "layers_from_pattern",
            "save_pretrained"]

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jamba_jax.cache import KVCache, layer_slice
 from jamba_jax.config import AttentionConfig
 from jamba_jax.layers.common import dense
 from jamba_jax.ops import segment_starts
@@ -123,6 +124,25 @@ def resolve_impl(impl: str) -> str:
     return impl
 
 
+def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, kv_lengths: jax.Array) -> jax.Array:
+    """One query per row against a KV cache (a decode step).
+
+    q ``(b, h, d)``; k_cache/v_cache ``(b, L, g, d)`` of which row ``i`` attends to slots
+    ``< kv_lengths[i]`` (its own key included; ``kv_lengths >= 1``). Scale ``1/sqrt(d)``, scores
+    and softmax in float32, products in the cache dtype with float32 accumulation. Returns ``(b, h, d)``.
+    """
+    b, h, d = q.shape
+    g = k_cache.shape[2]
+    f32 = jnp.float32
+    qg = q.astype(k_cache.dtype).reshape(b, g, h // g, d)
+    s = jnp.einsum("bgrd,blgd->bgrl", qg, k_cache, preferred_element_type=f32) * (d ** -0.5)
+    valid = jnp.arange(k_cache.shape[1])[None, :] < kv_lengths[:, None]  # (b, L)
+    s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("bgrl,blgd->bgrd", p.astype(v_cache.dtype), v_cache, preferred_element_type=f32)
+    return o.reshape(b, h, d).astype(q.dtype)
+
+
 # ------------------------------------------------------------------------------------------- module
 
 class Attention(nnx.Module):
@@ -181,8 +201,7 @@ class Attention(nnx.Module):
         """Causal self-attention core: q ``(b, l, h, d)``, k/v ``(b, l, g, d)`` -> ``(b, l, h, d)``.
 
         ``segment_ids (b, l)``: attention stays within a run of equal ids. ``impl`` overrides the
-        module's. (Cached decoding, with fewer queries than keys, needs a different mask and
-        should call ``jax.nn.dot_product_attention`` with ``key_value_seq_lengths`` instead.)
+        module's. (Cached decoding, with fewer queries than keys, is `decode_step`.)
         """
         if resolve_impl(impl or self.impl) == "splash":
             return splash_attention(q, k, v, segment_ids, max_block=self.splash_block, interpret=self.interpret)
@@ -199,3 +218,33 @@ class Attention(nnx.Module):
         ``positions (b, l)`` restarting at each segment (``jamba_jax.ops.positions_from_segments``)."""
         q, k, v = self.qkv(x, positions)
         return self.out(self.attend(q, k, v, segment_ids, impl=impl))
+
+    # ------------------------------------------------------------------------- cached inference
+
+    def prefill(self, x: jax.Array, max_len: int) -> tuple[jax.Array, KVCache]:
+        """Causal attention over a (right-padded) batch at positions ``0..l-1``, and its keys/values
+        in a ``KVCache`` of capacity ``max_len``. Real tokens never see the padding after them, so
+        outputs at real positions equal ``__call__``'s; slots at or after a row's length are stale."""
+        b, l, _ = x.shape
+        if max_len < l:
+            raise ValueError(f"attention prefill: max_len={max_len} is shorter than the prompt ({l})")
+        q, k, v = self.qkv(x)
+        y = self.out(self.attend(q, k, v))
+        pad = [(0, 0), (0, max_len - l), (0, 0), (0, 0)]
+        return y, KVCache(jnp.pad(k, pad), jnp.pad(v, pad))
+
+    def decode_step(self, x: jax.Array, cache: KVCache, lengths: jax.Array, *, layer=None):
+        """One token per row at position ``lengths[i]``: x ``(b, 1, d_model)`` ->
+        ``(y (b, 1, d_model), new cache)``.
+
+        The new key/value are scattered into slot ``lengths[i]`` first and attention then reads the
+        updated cache (slots ``<= lengths[i]``), so under ``jit`` the write happens in place. With
+        ``layer`` the cache arrays carry a leading stacked axis and only entry ``layer`` is touched.
+        """
+        b = x.shape[0]
+        q, k, v = self.qkv(x, lengths[:, None])
+        idx = (jnp.arange(b), lengths) if layer is None else (layer, jnp.arange(b), lengths)
+        keys = cache.k.at[idx].set(k[:, 0].astype(cache.k.dtype))
+        values = cache.v.at[idx].set(v[:, 0].astype(cache.v.dtype))
+        o = cached_attention(q[:, 0], layer_slice(keys, layer), layer_slice(values, layer), lengths + 1)
+        return self.out(o[:, None]), KVCache(keys, values)

@@ -6,11 +6,34 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jamba_jax.cache import SSMCache, conv_step, conv_window, layer_slice, layer_update
 from jamba_jax.config import Mamba1Config
 from jamba_jax.layers.common import dense, param, rms_normalize
 from jamba_jax.layers.ssm_init import conv_init, dt_bias_init
 from jamba_jax.ops import causal_conv1d
 from pallas_kernels.selective_scan import selective_scan
+from pallas_kernels.selective_scan.reference import prepare_delta
+
+
+def selective_scan_step(state: jax.Array, u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array,
+                        C: jax.Array, D: jax.Array | None = None, z: jax.Array | None = None):
+    """One step of the selective scan (the decode counterpart of ``selective_scan``).
+
+    state ``(b, d, n)`` float32; u ``(b, d)``; delta ``(b, d)`` *already* biased / softplus-ed
+    (float32); A ``(d, n)``; B, C ``(b, n)``; D ``(d,)``; z ``(b, d)``.
+    ``state' = exp(delta A) state + delta u B``, ``y = (state' C + D u) silu(z)``.
+    Returns ``y (b, d)`` in u.dtype and the new state (float32).
+    """
+    f32 = jnp.float32
+    uf = u.astype(f32)
+    state = (jnp.exp(delta[..., None] * A.astype(f32)) * state.astype(f32)
+             + (delta * uf)[..., None] * B.astype(f32)[:, None, :])
+    y = jnp.sum(state * C.astype(f32)[:, None, :], axis=-1)
+    if D is not None:
+        y = y + D.astype(f32) * uf
+    if z is not None:
+        y = y * jax.nn.silu(z.astype(f32))
+    return y.astype(u.dtype), state
 
 
 class Mamba1Mixer(nnx.Module):
@@ -64,3 +87,51 @@ class Mamba1Mixer(nnx.Module):
                            delta_bias=self.dt_proj.bias[...], delta_softplus=True,
                            segment_ids=segment_ids, impl=self.impl)
         return self.out_proj(y)
+
+    # ------------------------------------------------------------------------- cached inference
+
+    def _conv_params(self, dtype):
+        return (self.conv_weight[...].astype(dtype),
+                None if self.conv_bias is None else self.conv_bias[...].astype(dtype))
+
+    def _dt_bc(self, xs: jax.Array):
+        """conv output -> (delta before bias/softplus, B, C), norms applied."""
+        cfg = self.cfg
+        dt, B, C = jnp.split(self.x_proj(xs), [cfg.dt_rank, cfg.dt_rank + cfg.d_state], axis=-1)
+        if cfg.bcdt_norm is not None:
+            dt, B, C = self._norm(dt, "dt_norm"), self._norm(B, "B_norm"), self._norm(C, "C_norm")
+        return dt @ self.dt_proj.kernel[...].astype(dt.dtype), B, C
+
+    def prefill(self, x: jax.Array, lengths: jax.Array) -> tuple[jax.Array, SSMCache]:
+        """The forward pass of a right-padded batch plus the cache after each row's last real token.
+
+        x ``(b, l, d_model)``; row ``i`` is real at ``t < lengths[i]``. Padding positions get
+        delta = 0 (no decay, no input), so the final state is the one after the row's own last
+        token; the conv window is cut at the same place. Returns ``(y, SSMCache)``.
+        """
+        l = x.shape[1]
+        xs_in, z = jnp.split(self.in_proj(x), 2, axis=-1)
+        xs = jax.nn.silu(causal_conv1d(xs_in, *self._conv_params(xs_in.dtype)))
+        window = conv_window(xs_in, lengths, self.cfg.d_conv)
+        delta, B, C = self._dt_bc(xs)
+        delta = prepare_delta(delta, self.dt_proj.bias[...], True)
+        delta = jnp.where((jnp.arange(l)[None, :] < lengths[:, None])[..., None], delta, 0.0)
+        y, state = selective_scan(xs, delta, -jnp.exp(self.A_log[...]), B, C, D=self.D[...], z=z,
+                                  return_final_state=True, impl=self.impl)
+        return self.out_proj(y), SSMCache(window, state)
+
+    def decode_step(self, x: jax.Array, cache: SSMCache, *, layer=None) -> tuple[jax.Array, SSMCache]:
+        """One token per row: x ``(b, 1, d_model)`` -> ``(y (b, 1, d_model), new cache)``.
+
+        With ``layer`` (an int or traced index) the cache arrays carry a leading stacked axis: the
+        step reads ``cache[layer]`` and returns the stacked arrays with that entry replaced.
+        """
+        xs, z = jnp.split(self.in_proj(x[:, 0]), 2, axis=-1)
+        xs, window = conv_step(layer_slice(cache.conv, layer), xs, *self._conv_params(xs.dtype))
+        xs = jax.nn.silu(xs)
+        delta, B, C = self._dt_bc(xs)
+        delta = prepare_delta(delta, self.dt_proj.bias[...], True)
+        y, state = selective_scan_step(layer_slice(cache.ssm, layer), xs, delta, -jnp.exp(self.A_log[...]), B, C,
+                                       self.D[...], z)
+        new = SSMCache(layer_update(cache.conv, window, layer), layer_update(cache.ssm, state, layer))
+        return self.out_proj(y)[:, None], new

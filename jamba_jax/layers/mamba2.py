@@ -6,11 +6,36 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jamba_jax.cache import SSMCache, conv_step, conv_window, layer_slice, layer_update
 from jamba_jax.config import Mamba2Config
 from jamba_jax.layers.common import dense, param
 from jamba_jax.layers.ssm_init import conv_init, dt_bias_init
 from jamba_jax.ops import causal_conv1d, gated_rms_norm
 from pallas_kernels.ssd import ssd
+from pallas_kernels.ssd.reference import preprocess_dt
+
+
+def ssd_step(state: jax.Array, x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
+             D: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """One step of the SSD recurrence (the decode counterpart of ``pallas_kernels.ssd.ssd``).
+
+    state ``(b, h, p, n)`` float32; x ``(b, h, p)``; dt ``(b, h)`` *already* biased / softplus-ed /
+    clipped (float32); A ``(h,)``; B, C ``(b, g, n)`` (head i reads group ``i // (h // g)``); D
+    ``(h,)`` or ``(h, p)``. ``state' = exp(dt A) state + dt x B^T``, ``y = state' C + D x``.
+    Returns ``y (b, h, p)`` in x.dtype and the new state (float32).
+    """
+    f32 = jnp.float32
+    h, g = x.shape[1], B.shape[1]
+    Bh = jnp.repeat(B.astype(f32), h // g, axis=1)[:, :, None, :]  # (b, h, 1, n)
+    Ch = jnp.repeat(C.astype(f32), h // g, axis=1)[:, :, None, :]
+    xf = x.astype(f32)
+    decay = jnp.exp(dt * A.astype(f32))[:, :, None, None]
+    state = decay * state.astype(f32) + (dt[:, :, None] * xf)[..., None] * Bh
+    y = jnp.sum(state * Ch, axis=-1)  # (b, h, p); a fused reduce, no second pass over the state
+    if D is not None:
+        D = D.astype(f32)
+        y = y + (D[:, None] if D.ndim == 1 else D) * xf
+    return y.astype(x.dtype), state
 
 
 class Mamba2Mixer(nnx.Module):
@@ -51,3 +76,51 @@ class Mamba2Mixer(nnx.Module):
         y = gated_rms_norm(y.reshape(b, l, cfg.d_inner), z, self.norm_weight[...],
                            group_size=cfg.d_inner // g, eps=cfg.norm_eps)
         return self.out_proj(y)
+
+    # ------------------------------------------------------------------------- cached inference
+
+    def prefill(self, x: jax.Array, lengths: jax.Array) -> tuple[jax.Array, SSMCache]:
+        """The forward pass of a right-padded batch plus the cache after each row's last real token.
+
+        x ``(b, l, d_model)``; row ``i`` is real at ``t < lengths[i]`` (``1 <= lengths[i] <= l``).
+        Outputs at real positions equal ``__call__``'s; padding positions get dt = 0 (decay 1, no
+        input), so the final SSM state is the one after the row's own last token, and the conv
+        window is cut at the same place. Returns ``(y (b, l, d_model), SSMCache)``.
+        """
+        cfg = self.cfg
+        b, l, _ = x.shape
+        h, p, g, n = cfg.n_heads, cfg.head_dim, cfg.n_groups, cfg.d_state
+        z, xbc_in, dt = jnp.split(self.in_proj(x), [cfg.d_inner, cfg.d_inner + cfg.conv_dim], axis=-1)
+        bias = None if self.conv_bias is None else self.conv_bias[...].astype(xbc_in.dtype)
+        xbc = jax.nn.silu(causal_conv1d(xbc_in, self.conv_weight[...].astype(xbc_in.dtype), bias))
+        window = conv_window(xbc_in, lengths, cfg.d_conv)
+        xs, B, C = jnp.split(xbc, [cfg.d_inner, cfg.d_inner + g * n], axis=-1)
+        dt = preprocess_dt(dt, self.dt_bias[...], True, cfg.dt_limit)
+        dt = jnp.where((jnp.arange(l)[None, :] < lengths[:, None])[..., None], dt, 0.0)
+        y, state = ssd(xs.reshape(b, l, h, p), dt, -jnp.exp(self.A_log[...]), B.reshape(b, l, g, n),
+                       C.reshape(b, l, g, n), chunk_size=cfg.chunk_size, D=self.D[...],
+                       return_final_state=True, impl=self.impl)
+        y = gated_rms_norm(y.reshape(b, l, cfg.d_inner), z, self.norm_weight[...],
+                           group_size=cfg.d_inner // g, eps=cfg.norm_eps)
+        return self.out_proj(y), SSMCache(window, state)
+
+    def decode_step(self, x: jax.Array, cache: SSMCache, *, layer=None) -> tuple[jax.Array, SSMCache]:
+        """One token per row: x ``(b, 1, d_model)`` -> ``(y (b, 1, d_model), new cache)``.
+
+        With ``layer`` (an int or traced index) the cache arrays carry a leading stacked axis: the
+        step reads ``cache[layer]`` and returns the stacked arrays with that entry replaced.
+        """
+        cfg = self.cfg
+        b = x.shape[0]
+        h, p, g, n = cfg.n_heads, cfg.head_dim, cfg.n_groups, cfg.d_state
+        z, xbc, dt = jnp.split(self.in_proj(x[:, 0]), [cfg.d_inner, cfg.d_inner + cfg.conv_dim], axis=-1)
+        xbc, window = conv_step(layer_slice(cache.conv, layer), xbc, self.conv_weight[...].astype(xbc.dtype),
+                                None if self.conv_bias is None else self.conv_bias[...].astype(xbc.dtype))
+        xs, B, C = jnp.split(jax.nn.silu(xbc), [cfg.d_inner, cfg.d_inner + g * n], axis=-1)
+        dt = preprocess_dt(dt, self.dt_bias[...], True, cfg.dt_limit)  # (b, h) float32
+        y, state = ssd_step(layer_slice(cache.ssm, layer), xs.reshape(b, h, p), dt, -jnp.exp(self.A_log[...]),
+                            B.reshape(b, g, n), C.reshape(b, g, n), self.D[...])
+        y = gated_rms_norm(y.reshape(b, cfg.d_inner), z, self.norm_weight[...],
+                           group_size=cfg.d_inner // g, eps=cfg.norm_eps)
+        new = SSMCache(layer_update(cache.conv, window, layer), layer_update(cache.ssm, state, layer))
+        return self.out_proj(y)[:, None], new
