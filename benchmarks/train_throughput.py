@@ -255,6 +255,24 @@ def report(result: dict, args, peak: float | None) -> dict:
     return result
 
 
+def _torch_in_child(args) -> dict | None:
+    """mamba_ssm's step in a child process that never touches the GPU through JAX (JAX reserves most
+    of the GPU's memory in the process that uses it)."""
+    import subprocess
+
+    argv = [sys.executable, os.path.abspath(__file__), "--torch-only", "--seq", str(args.seq), "--batch",
+            str(args.batch), "--warmup", str(args.warmup), "--reps", str(args.reps), "--inner", str(args.inner)]
+    p = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+        if line.startswith("SKIP "):
+            print(f"no mamba_ssm comparison: {line[5:]}")
+            return None
+    print(f"mamba_ssm step failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+    return None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="tiny widths and sequences (CPU check)")
@@ -271,7 +289,8 @@ def main(argv=None):
     parser.add_argument("--inner", type=int, default=4)
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s of one device")
     parser.add_argument("--no-torch", action="store_true", help="skip mamba_ssm even when importable")
-    parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", ""), "train_throughput.json")
+    parser.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--json", default=os.path.join(os.environ["OUT"], "train_throughput.json")
                         if os.environ.get("OUT") else None, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -279,6 +298,20 @@ def main(argv=None):
 
     hybrid = yaml.safe_load(open(HYBRID_PRESET))["model"]
     mamba2 = dict(MAMBA2_13B)
+    if args.torch_only:
+        try:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ImportError("no CUDA device for PyTorch")
+            _import_mamba_ssm()
+        except ImportError as e:
+            print(f"SKIP {e} (put .peers on PYTHONPATH: bash ../shared/peers/get_peers.sh)")
+            return
+        result = torch_step_time(mamba2, args)
+        result.pop("cfg")
+        print("RESULT " + json.dumps(result))
+        return
     if args.small:
         args.seq, args.batch, args.warmup, args.reps, args.inner = min(args.seq, 128), min(args.batch, 2), 1, 2, 2
         for m in (hybrid, mamba2):
@@ -288,24 +321,29 @@ def main(argv=None):
         hybrid["mlp"] = {**hybrid["mlp"], "d_ff": 128}
         hybrid["layers"] = "M-M*-"
         mamba2["layers"] = {"repeat": 4, "period": ["mamba2"]}
+    names = args.models.split(",")
+    # mamba_ssm first: before this process's JAX takes the GPU
+    torch_result = None if args.small or args.no_torch or "mamba2" not in names else _torch_in_child(args)
     device = jax.devices()[0]
     peak = peak_flops(device, args.peak_tflops)
     print(f"{jax.device_count()} x {device.device_kind}; seq {args.seq}, {args.batch} sequences per device, "
-          f"{args.dtype} compute, remat={args.remat}; peak {peak / 1e12 if peak else 'unknown'} TFLOP/s per device")
+          f"{args.dtype} compute, remat={args.remat}; peak {peak / 1e12 if peak else 'unknown'} TFLOP/s per device",
+          flush=True)
     results = []
     models = {"hybrid": hybrid, "mamba2": mamba2}
-    for name in args.models.split(","):
+
+    def save():
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1, default=str)
+
+    for name in names:
         results.append(report(jax_step_time(name, models[name], args), args, peak))
-        if name == "mamba2" and not args.no_torch and device.platform == "gpu":
-            try:
-                import mamba_ssm  # noqa: F401
-            except ImportError:
-                print("mamba_ssm not importable (put .peers on PYTHONPATH): no PyTorch comparison")
-            else:
-                results.append(report(torch_step_time(models[name], args), args, peak))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1, default=str)
+        save()
+        if name == "mamba2" and torch_result is not None:
+            torch_result["cfg"] = ModelConfig.from_dict({**mamba2, "layers": ("mamba2",) * mamba2["layers"]["repeat"]})
+            results.append(report(torch_result, args, peak))
+            save()
 
 
 if __name__ == "__main__":
