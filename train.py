@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     args = parser.parse_intermixed_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("absl", "orbax", "jax._src.distributed"):
+    for noisy in ("absl", "orbax", "jax._src.distributed", "jax._src.xla_bridge"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     from jamba_jax.train.config import ConfigError, load_config
