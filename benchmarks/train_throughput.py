@@ -48,7 +48,6 @@ if os.path.isdir(os.path.join(ROOT, ".peers")):
     sys.path.append(os.path.join(ROOT, ".peers"))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jamba_jax.config import ModelConfig  # noqa: E402

@@ -13,9 +13,12 @@ import numpy as np
 from flax import nnx
 
 from jamba_jax.config import ModelConfig
+from jamba_jax.layers.attention import Attention
 from jamba_jax.layers.common import RMSNorm, dense, logical
 from jamba_jax.layers.mamba1 import Mamba1Mixer
 from jamba_jax.layers.mamba2 import Mamba2Mixer
+from jamba_jax.layers.mlp import MLP
+from jamba_jax.layers.moe import MoE
 from jamba_jax.ops import positions_from_segments
 
 AUX_KEYS = ("load_balancing_loss", "router_z_loss")
@@ -28,21 +31,8 @@ REMAT_POLICIES = {
 }
 
 
-def _mixer_class(kind: str):
-    if kind == "mamba1":
-        return Mamba1Mixer
-    if kind == "mamba2":
-        return Mamba2Mixer
-    if kind == "attention":
-        from jamba_jax.layers.attention import Attention
-        return Attention
-    if kind == "mlp":
-        from jamba_jax.layers.mlp import MLP
-        return MLP
-    if kind == "moe":
-        from jamba_jax.layers.moe import MoE
-        return MoE
-    raise ValueError(f"unknown layer kind {kind!r}")
+#: The module behind each layer kind.
+MIXERS = {"mamba1": Mamba1Mixer, "mamba2": Mamba2Mixer, "attention": Attention, "mlp": MLP, "moe": MoE}
 
 
 class Block(nnx.Module):
@@ -54,7 +44,7 @@ class Block(nnx.Module):
         kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if kind in ("mamba1", "mamba2"):
             kwargs["impl"] = impl
-        self.mixer = _mixer_class(kind)(getattr(cfg, kind), cfg.d_model, **kwargs)
+        self.mixer = MIXERS[kind](getattr(cfg, kind), cfg.d_model, **kwargs)
 
     def __call__(self, h: jax.Array, *, segment_ids: jax.Array | None, positions: jax.Array | None):
         x = self.norm(h)
