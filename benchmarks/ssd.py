@@ -276,8 +276,8 @@ def floor_bytes(shape):
     return fwd, fwd + bwd
 
 
-def time_ours_variant(shape, j, opt, fwd_only=True):
-    """Forward time of the GPU kernels with explicit options (the --sweep)."""
+def time_ours_variant(shape, j, opt):
+    """Forward and forward+backward times of the GPU kernels with explicit options (--sweep)."""
     from pallas_kernels.ssd.pallas_gpu import ssd_pallas_gpu
     chunk = shape[-1]
 
@@ -285,21 +285,26 @@ def time_ours_variant(shape, j, opt, fwd_only=True):
         return ssd_pallas_gpu(x, dt, A, B, C, chunk_size=chunk, D=D, dt_bias=dt_bias,
                               dt_softplus=True, options=opt)[0]
 
+    def fwd_bwd(x, dt, A, B, C, D, dt_bias, dy):
+        y, vjp = jax.vjp(fwd, x, dt, A, B, C, D, dt_bias)
+        return vjp(dy)
+
     jargs = [j[k] for k in ("x", "dt", "A", "B", "C", "D", "dt_bias")]
-    return time_jax(jax.jit(fwd), jargs)
+    return time_jax(jax.jit(fwd), jargs), time_jax(jax.jit(fwd_bwd), jargs + [j["dy"]])
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", default="all", help="'all' or comma-separated indices")
+    ap.add_argument("--shapes", default="all",
+                    help="'all', 'none' (checks only) or comma-separated indices")
     ap.add_argument("--bandwidth", type=float, default=3.0e12, help="bytes/s for the floor")
     ap.add_argument("--budget", type=float, default=1e9,
-                    help="seconds: later phases (xla, sweep, check) are skipped past it")
+                    help="seconds: later phases (sweep, xla, check) are skipped past it")
     ap.add_argument("--check", choices=("first", "last", "none"), default="first",
                     help="when to run the correctness checks")
     ap.add_argument("--no-xla", action="store_true")
-    ap.add_argument("--sweep", default="", help="shape indices (e.g. '0,2') on which to also "
-                    "time forward variants of the GPU options")
+    ap.add_argument("--sweep", default="", help="GPU option variants to also time, forward and "
+                    "forward+backward: comma-separated SHAPE:SEQ_SPLITS:BLOCK_P (e.g. '2:4:64')")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny shape, interpret")
     args = ap.parse_args()
     t_start = time.time()
@@ -328,7 +333,8 @@ def main():
     if args.check == "first":
         run_checks()
 
-    idx = range(len(SHAPES)) if args.shapes == "all" else [int(i) for i in args.shapes.split(",")]
+    idx = (range(len(SHAPES)) if args.shapes == "all" else [] if args.shapes == "none"
+           else [int(i) for i in args.shapes.split(",")])
     shapes = [SHAPES[i] for i in idx]
     results = {shape: {} for shape in shapes}
     inputs = {}
@@ -371,7 +377,28 @@ def main():
                     log(f"{name} failed on {shape}:\n{traceback.format_exc()}")
             del t
 
-    # Phase 2: our XLA path.
+    # Phase 2: variants of the GPU options (sequence splits, p block).
+    for item in filter(None, args.sweep.split(",")):
+        import dataclasses
+        from pallas_kernels.ssd import pallas_gpu as pg
+        si, splits, block_p = (int(v) for v in item.split(":"))
+        shape = SHAPES[si]
+        b, l, h, p, n, g, chunk = shape
+        if over():
+            log(f"sweep {item}: skipped (time budget)")
+            continue
+        j = to_jax(inputs.get(shape) or make_inputs(shape))
+        base = pg.default_options(b, h, p, g, -(-l // 64), interpret=bool(PALLAS_KW))
+        opt = dataclasses.replace(base, seq_splits=splits, block_p=block_p)
+        try:
+            t_f, t_fb = time_ours_variant(shape, j, opt)
+            log(f"[{time.time() - t_start:6.1f}s] sweep {str(shape):36s} seq_splits={splits} "
+                f"block_p={block_p} (default {base.seq_splits}, {base.block_p}): fwd {t_f:.3f} ms "
+                f"fwd+bwd {t_fb:.3f} ms")
+        except Exception:  # noqa: BLE001
+            log(f"sweep {item} failed:\n{traceback.format_exc()}")
+
+    # Phase 3: our XLA path.
     for shape in ([] if args.no_xla else shapes):
         if over():
             log(f"xla on {shape}: skipped (time budget)")
@@ -383,26 +410,6 @@ def main():
             report(shape, "xla", time_jax(f, jargs, reps=5), time_jax(fb, jargs + [j["dy"]], reps=5))
         except Exception:  # noqa: BLE001
             log(f"xla failed on {shape}:\n{traceback.format_exc()}")
-
-    # Phase 3: forward variants of the GPU options.
-    sweep = [SHAPES[int(i)] for i in args.sweep.split(",") if i]
-    for shape in sweep:
-        import dataclasses
-        from pallas_kernels.ssd import pallas_gpu as pg
-        b, l, h, p, n, g, chunk = shape
-        j = to_jax(inputs.get(shape) or make_inputs(shape))
-        base = pg.default_options(b, h, p, g, -(-l // 64), interpret=bool(PALLAS_KW))
-        for kw in (dict(block_p=64, fwd_warps=4), dict(block_p=64, fwd_warps=8),
-                   dict(block_p=32, fwd_warps=4), dict(block_p=32, fwd_warps=8)):
-            if over():
-                log(f"sweep {kw} on {shape}: skipped (time budget)")
-                continue
-            try:
-                t_f = time_ours_variant(shape, j, dataclasses.replace(base, **kw))
-                log(f"[{time.time() - t_start:6.1f}s] sweep {str(shape):36s} {kw} fwd "
-                    f"{t_f:.3f} ms")
-            except Exception:  # noqa: BLE001
-                log(f"sweep {kw} failed on {shape}:\n{traceback.format_exc()}")
 
     if args.check == "last":
         if over():

@@ -108,6 +108,38 @@ def test_bf16_inputs(impl):
         assert rel_l2(g[name], g_ref[name]) < 1e-2, name
 
 
+@pytest.mark.parametrize("splits, block_p, with_state_and_segments", [
+    (4, 8, True),     # one chunk per split, p split in two; boundaries in and across splits
+    (2, 16, False),   # zero initial state, no segments
+])
+def test_sequence_splits(splits, block_p, with_state_and_segments):
+    """The GPU kernels with the sequence split across programs (``seq_splits``: zero-start
+    split states, an XLA chain over the splits, then the splits in parallel) give the
+    reference's values and gradients: l = 61 is 4 chunks of 16, the last one padded."""
+    from pallas_kernels.ssd.pallas_gpu import GpuOptions, ssd_pallas_gpu
+    extra = dict(D="hp", z=True, dt_bias=True, initial_state=True) if with_state_and_segments \
+        else dict(D="h")
+    inputs = make_inputs(13, l=61, g=2, p=16, **extra)
+    segment_ids = (segment_ids_from_starts(61, ([5, 16, 20, 22, 23, 31, 44, 48], [31, 33, 47]))
+                   if with_state_and_segments else None)
+    options = GpuOptions(block_p=block_p, head_splits=1, seq_splits=splits, interpret=True)
+
+    def run(fn):
+        outs, vjp = jax.vjp(fn, inputs)
+        return outs, vjp(cotangents_for(inputs))[0]
+
+    kw = dict(chunk_size=CHUNK, segment_ids=segment_ids)
+    if with_state_and_segments:
+        kw.update(dt_softplus=True, dt_limit=(0.02, 0.12))
+    (y_ref, s_ref), g_ref = run(lambda d: ssd(**d, **kw, return_final_state=True,
+                                              impl="reference"))
+    (y, s), g = run(jax.jit(lambda d: ssd_pallas_gpu(**d, **kw, options=options)))
+    assert rel_l2(y, y_ref) < 1e-5
+    assert rel_l2(s, s_ref) < 1e-5
+    for name in inputs:
+        assert rel_l2(g[name], g_ref[name]) < 1e-5, name
+
+
 def test_impl_dispatch():
     """On CPU: 'auto' is the XLA path; 'pallas' needs interpret=True and then runs the GPU
     kernels; the explicit names are accepted."""

@@ -139,13 +139,22 @@ def chunk_forward(x, B, C, dt_col, dt_row, cum_col, cum_row, state, seg, precisi
     y = mm(scores.astype(op), x, "nn", precision)                     # intra-chunk
     from_start = _masked(jnp.exp(cum_col), None if seg is None else seg.reach)
     y = y + from_start * mm(C, state.astype(op), "nt", precision)     # carried state
+    return y, chunk_state_step(x, B, dt_col, cum_col, cum_row, state, seg, precision)
+
+
+def chunk_state_step(x, B, dt_col, cum_col, cum_row, state, seg, precision):
+    """The state leaving a chunk from the state entering it (the forward without y).
+
+    Shapes as :func:`chunk_forward`; returns (pb, n) float32.
+    """
+    op = x.dtype
+    cum_last = last_of_row(cum_row)
     to_end = _masked(jnp.exp(cum_last - cum_col), None if seg is None else seg.same_last)
     xw = (x.astype(f32) * (to_end * dt_col)).astype(op)
     keep = jnp.exp(cum_last)
     if seg is not None:
         keep = jnp.where(seg.carry, keep, jnp.zeros_like(keep))
-    state = state * keep + mm(xw, B, "tn", precision)                  # (pb, n)
-    return y, state
+    return state * keep + mm(xw, B, "tn", precision)                   # (pb, n)
 
 
 def dstate_step(dstate, dy, C, cum_col, cum_row, seg, precision):

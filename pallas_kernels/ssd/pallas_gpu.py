@@ -15,10 +15,12 @@ which ``compiler_params=pltriton.CompilerParams(...)`` does (also in 0.11).
 
 Kernels (the plan and the math are in :mod:`pallas_kernels.ssd.pallas_common`):
 
-* ``_fwd_kernel``, grid (b, h, p / pb): the state (pb, n) float32 lives in registers through a
+* ``_fwd_kernel``, grid (b, h, p / pb, S): the state (pb, n) float32 lives in registers through a
   ``fori_loop`` over chunks; per chunk C.B^T, the decay matrix, two products for y and one for
   the state update.  D and the z gate are applied before the store.
-* ``_dstate_kernel``, grid (b, h, p / pb): the reverse sweep of the state gradient.
+* ``_dstate_kernel``, grid (b, h, p / pb, S): the reverse sweep of the state gradient.
+* ``_split_state_kernel``: with the sequence split in S parts (few sequences and heads), the
+  zero-start state of each part, chained in XLA into the state entering each part.
 * ``_chunk_grad_kernel``, grid (b, chunks, g * splits): per chunk, loops over the heads of one
   group (or a 1/splits share of them), summing dB/dC in registers.
 Layouts are the API's (channels last); only dt and its cumsum are moved to (b, h, l).
@@ -44,6 +46,7 @@ class GpuOptions:
     """Block sizes and launch parameters (see ``default_options``)."""
     block_p: int                 # pb: head-dim block of the forward / state sweep
     head_splits: int             # programs per group in the chunk-gradient kernel
+    seq_splits: int = 1          # S: programs along the sequence in the forward / state sweep
     fwd_warps: int = 4
     fwd_stages: int = 2
     dstate_warps: int = 4
@@ -73,18 +76,31 @@ def _num_sms() -> int:
 
 
 def default_options(b, h, p, g, nc, interpret=False) -> GpuOptions:
-    """Tuning table / heuristic.  Forward: split p in two when (b, h) gives fewer than ~2
-    programs per SM (the sequential chunk loop then dominates).  Chunk gradients: split a
-    group's heads until the grid has ~4 programs per SM."""
+    """Tuning table / heuristic.  Forward and state sweep: a sequential walk over chunks per
+    (batch, head, p-block) program, so aim for >= 1 program per SM: split the sequence (in
+    powers of two, keeping >= 8 chunks per split), then p.  Chunk gradients: split a group's
+    heads until the grid has ~4 programs per SM.
+
+    H100 sweep (BENCHMARKS.md, T = 64, p = 64): b h = 64 (l = 16384) is fastest at S = 4
+    (S = 8, 16 and p-blocks of 32 slower); b h = 256, 320, 640 at S = 1 (S = 2, 4 slower)."""
     sms = _num_sms()
-    pb = p
-    if b * h < 2 * sms and p >= 32:
-        pb = p // 2
+    S = 1
+    while b * h * S < sms and nc % (2 * S) == 0 and nc // (2 * S) >= 8:
+        S *= 2
+    pb = p // 2 if b * h * S < sms and p >= 32 else p
     r = h // g
     splits = 1
     while b * nc * g * splits < 4 * sms and r % (splits * 2) == 0 and r // (splits * 2) >= 2:
         splits *= 2
-    return GpuOptions(block_p=pb, head_splits=splits, interpret=interpret)
+    return GpuOptions(block_p=pb, head_splits=splits, seq_splits=S, interpret=interpret)
+
+
+def effective_splits(opt: GpuOptions, nc: int) -> int:
+    """The largest divisor of the chunk count ``nc`` not above ``opt.seq_splits``."""
+    S = max(1, min(opt.seq_splits, nc))
+    while nc % S:
+        S -= 1
+    return S
 
 
 def _params(warps, stages):
@@ -95,33 +111,135 @@ def _unpack(refs, names):
     return dict(zip(names, refs))
 
 
+# --------------------------------------------------------------------------- sequence splits
+# A (batch, head, p-block) program walks its chunks in order, so with few sequences and heads
+# (b = 1, l = 16384: 64 x 2 programs on 132 SMs) the walk, not the card, sets the time.  With
+# ``seq_splits = S`` each program walks only nc / S chunks: a first kernel computes, per split,
+# the state its chunks produce from a zero start (the forward: no outputs, one product per
+# chunk; the backward: the same for the state gradient, walking backwards), a tiny XLA chain
+# over the splits turns those into the true state entering each split, and the usual kernel
+# then runs all splits in parallel from those states.
+def split_keep(cfg: pc.Config, P: pc.Prepared, S: int):
+    """(b, S, h) float32: what a split does to the state entering it, ``exp(sum of its chunks'
+    log-decays)``, or 0 where a segment starts inside the split (the state is reset)."""
+    b, h, L = P.cum.shape
+    T = cfg.block_t
+    ncs = L // T // S
+    keep = jnp.exp(P.cum[:, :, T - 1::T].reshape(b, h, S, ncs).sum(axis=-1))
+    keep = jnp.swapaxes(keep, 1, 2)
+    if cfg.has_segments:
+        sid_end = P.sid[:, ncs * T - 1::ncs * T]                        # (b, S)
+        keep = jnp.where((sid_end == P.sid_prev[:, ::ncs])[:, :, None], keep, 0.0)
+    return keep
+
+
+def _chain(local, keep, first, reverse):
+    """The state at every split boundary from the zero-start ones (all (b, S', h, p, n)).
+
+    Forward: entering[0] = first, entering[s + 1] = keep[s] entering[s] + local[s]  (local of
+    splits 0 .. S-2).  Reverse (state gradients): leaving[S-1] = first, leaving[s - 1] =
+    keep[s] leaving[s] + local[s]  (local of splits 1 .. S-1).  Returns (b, S, h, p, n).
+    """
+    S = keep.shape[1]
+    out = [first]
+    for i in range(S - 1):
+        s = S - 1 - i if reverse else i
+        out.append(keep[:, s, :, None, None] * out[-1] + local[:, s - 1 if reverse else s])
+    return jnp.stack(out[::-1] if reverse else out, axis=1)
+
+
+def _specs(cfg: pc.Config, P: pc.Prepared, pb: int, ncs: int, split_of=lambda s: s):
+    """BlockSpecs of the per-position inputs for a grid (b, h, p / pb, splits)."""
+    L, n = P.x.shape[1], P.B.shape[-1]
+    T, R = cfg.block_t, cfg.heads_per_group
+    Ls = ncs * T
+    rows = lambda shape: pl.BlockSpec(shape, lambda i, j, k, s: (i, split_of(s), j, k))
+    return dict(
+        x=rows((None, Ls, None, pb)),
+        BC=pl.BlockSpec((None, Ls, None, n), lambda i, j, k, s: (i, split_of(s), j // R, 0)),
+        hl=pl.BlockSpec((None, None, Ls), lambda i, j, k, s: (i, j, split_of(s))),
+        sid=pl.BlockSpec((None, Ls), lambda i, j, k, s: (i, split_of(s))),
+        sid_prev=pl.BlockSpec((None, L // T), lambda i, j, k, s: (i, 0)),
+        state=pl.BlockSpec((None, None, None, pb, n), lambda i, j, k, s: (i, s, j, k, 0)),
+    )
+
+
+def _chunk_segments(cfg, r, rows, chunk):
+    if not cfg.has_segments:
+        return None
+    sid = r["sid"][rows]
+    return pc.segment_masks(sid[:, None], sid[None, :], r["sid_prev"][chunk])
+
+
+def _split_state_kernel(*refs, cfg: pc.Config, names, ncs: int, reverse: bool, first_split: int):
+    """Zero-start state (forward) or state gradient (reverse) over one split's chunks."""
+    r = _unpack(refs, names)
+    T, prec = cfg.block_t, cfg.precision
+    base = (pl.program_id(3) + first_split) * ncs
+
+    def body(i, state):
+        c = ncs - 1 - i if reverse else i
+        rows = pl.ds(c * T, T)
+        cum = r["cum"][rows]
+        seg = _chunk_segments(cfg, r, rows, base + c)
+        if reverse:
+            return pc.dstate_step(state, r["dy"][rows, :], r["C"][rows, :], cum[:, None],
+                                  cum[None, :], seg, prec)
+        return pc.chunk_state_step(r["x"][rows, :], r["B"][rows, :], r["dt"][rows][:, None],
+                                   cum[:, None], cum[None, :], state, seg, prec)
+
+    r["local"][...] = jax.lax.fori_loop(0, ncs, body, jnp.zeros(r["local"].shape, f32))
+
+
+def _split_boundary_states(cfg: pc.Config, P: pc.Prepared, S: int, first, dy=None):
+    """The state entering every split (forward, ``dy=None``) or the state gradient leaving every
+    split (``dy`` given), (b, S, h, p, n) float32, from ``first``: the state entering split 0
+    or the gradient leaving split S-1."""
+    opt: GpuOptions = cfg.backend_options
+    b, L, h, p = P.x.shape
+    n = P.B.shape[-1]
+    pb, nc = opt.block_p, L // cfg.block_t
+    ncs = nc // S
+    reverse = dy is not None
+    first_split = 1 if reverse else 0
+    sp = _specs(cfg, P, pb, ncs, split_of=lambda s: s + first_split)
+    inputs = ([("dy", dy, sp["x"]), ("C", P.C, sp["BC"])] if reverse else
+              [("x", P.x, sp["x"]), ("B", P.B, sp["BC"]), ("dt", P.dt, sp["hl"])])
+    inputs.append(("cum", P.cum, sp["hl"]))
+    if cfg.has_segments:
+        inputs += [("sid", P.sid, sp["sid"]), ("sid_prev", P.sid_prev, sp["sid_prev"])]
+    names, args, specs = (list(t) for t in zip(*inputs))
+    kernel = functools.partial(_split_state_kernel, cfg=cfg, names=tuple(names + ["local"]),
+                               ncs=ncs, reverse=reverse, first_split=first_split)
+    local = pl.pallas_call(
+        kernel, grid=(b, h, p // pb, S - 1), in_specs=specs, out_specs=sp["state"],
+        out_shape=pc.out_struct((b, S - 1, h, p, n), f32, args),
+        compiler_params=_params(opt.dstate_warps if reverse else opt.fwd_warps, opt.fwd_stages),
+        interpret=opt.interpret, name="ssd_bwd_split_dstate" if reverse else "ssd_fwd_split_state",
+    )(*args)
+    return _chain(local, split_keep(cfg, P, S), first, reverse)
+
+
 # --------------------------------------------------------------------------- forward
-def _fwd_kernel(*refs, cfg: pc.Config, names, nc: int, save: bool):
+def _fwd_kernel(*refs, cfg: pc.Config, names, ncs: int, save: bool, has_init: bool):
     r = _unpack(refs, names)
     T = cfg.block_t
     prec = cfg.precision
+    base = pl.program_id(3) * ncs
     pb, n = r["final"].shape
-    if cfg.has_init:
-        state0 = r["init"][...].astype(f32)
-    else:
-        state0 = jnp.zeros((pb, n), f32)
+    state0 = r["init"][...].astype(f32) if has_init else jnp.zeros((pb, n), f32)
     D_row = r["D"][...][None, :] if cfg.has_D else None
 
     def body(c, state):
         rows = pl.ds(c * T, T)
         x = r["x"][rows, :]
-        B = r["B"][rows, :]
-        C = r["C"][rows, :]
         dt = r["dt"][rows]
         cum = r["cum"][rows]
-        seg = None
-        if cfg.has_segments:
-            sid = r["sid"][rows]
-            seg = pc.segment_masks(sid[:, None], sid[None, :], r["sid_prev"][c])
+        seg = _chunk_segments(cfg, r, rows, base + c)
         if save:
             r["states"][c] = state.astype(r["states"].dtype)
-        y, state = pc.chunk_forward(x, B, C, dt[:, None], dt[None, :], cum[:, None],
-                                    cum[None, :], state, seg, prec)
+        y, state = pc.chunk_forward(x, r["B"][rows, :], r["C"][rows, :], dt[:, None],
+                                    dt[None, :], cum[:, None], cum[None, :], state, seg, prec)
         if cfg.has_D:
             y = y + D_row * x.astype(f32)
         if cfg.has_z:
@@ -132,119 +250,123 @@ def _fwd_kernel(*refs, cfg: pc.Config, names, nc: int, save: bool):
         r["y"][rows, :] = y.astype(r["y"].dtype)
         return state
 
-    r["final"][...] = jax.lax.fori_loop(0, nc, body, state0)
+    r["final"][...] = jax.lax.fori_loop(0, ncs, body, state0)
 
 
 def forward(cfg: pc.Config, P: pc.Prepared, save: bool):
     opt: GpuOptions = cfg.backend_options
     b, L, h, p = P.x.shape
-    g, n = P.B.shape[2:]
-    T, R, pb = cfg.block_t, cfg.heads_per_group, opt.block_p
+    n = P.B.shape[-1]
+    T, pb = cfg.block_t, opt.block_p
     nc = L // T
-    grid = (b, h, p // pb)
+    S = effective_splits(opt, nc)
+    ncs = nc // S
+    init = P.init
+    if S > 1:
+        first = init if init is not None else jnp.zeros((b, h, p, n), f32)
+        init = _split_boundary_states(cfg, P, S, first)                  # (b, S, h, p, n)
+    elif init is not None:
+        init = init[:, None]
+    sp = _specs(cfg, P, pb, ncs)
     names, args, specs = [], [], []
 
     def add(name, arr, spec):
         names.append(name), args.append(arr), specs.append(spec)
 
-    x_spec = pl.BlockSpec((None, L, None, pb), lambda i, j, k: (i, 0, j, k))
-    bc_spec = pl.BlockSpec((None, L, None, n), lambda i, j, k: (i, 0, j // R, 0))
-    hl_spec = pl.BlockSpec((None, None, L), lambda i, j, k: (i, j, 0))
-    st_spec = pl.BlockSpec((None, None, pb, n), lambda i, j, k: (i, j, k, 0))
-    add("x", P.x, x_spec)
-    add("B", P.B, bc_spec)
-    add("C", P.C, bc_spec)
-    add("dt", P.dt, hl_spec)
-    add("cum", P.cum, hl_spec)
+    add("x", P.x, sp["x"])
+    add("B", P.B, sp["BC"])
+    add("C", P.C, sp["BC"])
+    add("dt", P.dt, sp["hl"])
+    add("cum", P.cum, sp["hl"])
     if cfg.has_segments:
-        add("sid", P.sid, pl.BlockSpec((None, L), lambda i, j, k: (i, 0)))
-        add("sid_prev", P.sid_prev, pl.BlockSpec((None, nc), lambda i, j, k: (i, 0)))
-    if cfg.has_init:
-        add("init", P.init, st_spec)
+        add("sid", P.sid, sp["sid"])
+        add("sid_prev", P.sid_prev, sp["sid_prev"])
+    if init is not None:
+        add("init", init, sp["state"])
     if cfg.has_D:
-        add("D", P.D, pl.BlockSpec((None, pb), lambda i, j, k: (j, k)))
+        add("D", P.D, pl.BlockSpec((None, pb), lambda i, j, k, s: (j, k)))
     if cfg.has_z:
-        add("z", P.z, x_spec)
+        add("z", P.z, sp["x"])
 
     struct = functools.partial(pc.out_struct, inputs=args)
     out_names = ["y", "final"]
-    out_shapes = [struct((b, L, h, p), cfg.op_dtype),
-                  struct((b, h, p, n), f32)]
-    out_specs = [x_spec, st_spec]
+    out_shapes = [struct((b, L, h, p), cfg.op_dtype), struct((b, S, h, p, n), f32)]
+    out_specs = [sp["x"], sp["state"]]
     if save:
         out_names.append("states")
         out_shapes.append(struct((b, nc, h, p, n), cfg.state_dtype))
-        out_specs.append(pl.BlockSpec((None, nc, None, pb, n), lambda i, j, k: (i, 0, j, k, 0)))
+        out_specs.append(pl.BlockSpec((None, ncs, None, pb, n),
+                                      lambda i, j, k, s: (i, s, j, k, 0)))
         if cfg.has_z:
             out_names.append("y_pre")
             out_shapes.append(struct((b, L, h, p), cfg.op_dtype))
-            out_specs.append(x_spec)
+            out_specs.append(sp["x"])
 
-    kernel = functools.partial(_fwd_kernel, cfg=cfg, names=tuple(names + out_names), nc=nc,
-                               save=save)
+    kernel = functools.partial(_fwd_kernel, cfg=cfg, names=tuple(names + out_names), ncs=ncs,
+                               save=save, has_init=init is not None)
     outs = pl.pallas_call(
-        kernel, grid=grid, in_specs=specs, out_specs=out_specs, out_shape=out_shapes,
-        compiler_params=_params(opt.fwd_warps, opt.fwd_stages), interpret=opt.interpret,
-        name="ssd_fwd",
+        kernel, grid=(b, h, p // pb, S), in_specs=specs, out_specs=out_specs,
+        out_shape=out_shapes, compiler_params=_params(opt.fwd_warps, opt.fwd_stages),
+        interpret=opt.interpret, name="ssd_fwd",
     )(*args)
     outs = dict(zip(out_names, outs))
-    return outs["y"], outs["final"], outs.get("states"), outs.get("y_pre")
+    return outs["y"], outs["final"][:, -1], outs.get("states"), outs.get("y_pre")
 
 
 # --------------------------------------------------------------------------- backward: state sweep
-def _dstate_kernel(*refs, cfg: pc.Config, names, nc: int):
+def _dstate_kernel(*refs, cfg: pc.Config, names, ncs: int):
     r = _unpack(refs, names)
     T = cfg.block_t
     prec = cfg.precision
+    base = pl.program_id(3) * ncs
 
     def body(i, dstate):
-        c = nc - 1 - i
+        c = ncs - 1 - i
         rows = pl.ds(c * T, T)
         r["dstates"][c] = dstate.astype(r["dstates"].dtype)
-        dy = r["dy"][rows, :]
-        C = r["C"][rows, :]
         cum = r["cum"][rows]
-        seg = None
-        if cfg.has_segments:
-            sid = r["sid"][rows]
-            seg = pc.segment_masks(sid[:, None], sid[None, :], r["sid_prev"][c])
-        return pc.dstate_step(dstate, dy, C, cum[:, None], cum[None, :], seg, prec)
+        seg = _chunk_segments(cfg, r, rows, base + c)
+        return pc.dstate_step(dstate, r["dy"][rows, :], r["C"][rows, :], cum[:, None],
+                              cum[None, :], seg, prec)
 
-    r["dinit"][...] = jax.lax.fori_loop(0, nc, body, r["dfinal"][...].astype(f32))
+    r["dinit"][...] = jax.lax.fori_loop(0, ncs, body, r["dfinal"][...].astype(f32))
 
 
 def backward_dstates(cfg: pc.Config, P: pc.Prepared, dy, dfinal):
     opt: GpuOptions = cfg.backend_options
     b, L, h, p = P.x.shape
-    g, n = P.B.shape[2:]
-    T, R, pb = cfg.block_t, cfg.heads_per_group, opt.block_p
-    nc = L // T
+    n = P.B.shape[-1]
+    pb = opt.block_p
+    nc = L // cfg.block_t
+    S = effective_splits(opt, nc)
+    ncs = nc // S
+    dleave = (_split_boundary_states(cfg, P, S, dfinal, dy=dy) if S > 1
+              else dfinal[:, None])                                      # (b, S, h, p, n)
+    sp = _specs(cfg, P, pb, ncs)
     names, args, specs = [], [], []
 
     def add(name, arr, spec):
         names.append(name), args.append(arr), specs.append(spec)
 
-    st_spec = pl.BlockSpec((None, None, pb, n), lambda i, j, k: (i, j, k, 0))
-    add("dy", dy, pl.BlockSpec((None, L, None, pb), lambda i, j, k: (i, 0, j, k)))
-    add("C", P.C, pl.BlockSpec((None, L, None, n), lambda i, j, k: (i, 0, j // R, 0)))
-    add("cum", P.cum, pl.BlockSpec((None, None, L), lambda i, j, k: (i, j, 0)))
+    add("dy", dy, sp["x"])
+    add("C", P.C, sp["BC"])
+    add("cum", P.cum, sp["hl"])
     if cfg.has_segments:
-        add("sid", P.sid, pl.BlockSpec((None, L), lambda i, j, k: (i, 0)))
-        add("sid_prev", P.sid_prev, pl.BlockSpec((None, nc), lambda i, j, k: (i, 0)))
-    add("dfinal", dfinal, st_spec)
+        add("sid", P.sid, sp["sid"])
+        add("sid_prev", P.sid_prev, sp["sid_prev"])
+    add("dfinal", dleave, sp["state"])
     out_names = ["dstates", "dinit"]
     struct = functools.partial(pc.out_struct, inputs=args)
-    kernel = functools.partial(_dstate_kernel, cfg=cfg, names=tuple(names + out_names), nc=nc)
+    kernel = functools.partial(_dstate_kernel, cfg=cfg, names=tuple(names + out_names), ncs=ncs)
     dstates, dinit = pl.pallas_call(
-        kernel, grid=(b, h, p // pb), in_specs=specs,
-        out_specs=[pl.BlockSpec((None, nc, None, pb, n), lambda i, j, k: (i, 0, j, k, 0)),
-                   st_spec],
-        out_shape=[struct((b, nc, h, p, n), cfg.state_dtype),
-                   struct((b, h, p, n), f32)],
+        kernel, grid=(b, h, p // pb, S), in_specs=specs,
+        out_specs=[pl.BlockSpec((None, ncs, None, pb, n), lambda i, j, k, s: (i, s, j, k, 0)),
+                   sp["state"]],
+        out_shape=[struct((b, nc, h, p, n), cfg.state_dtype), struct((b, S, h, p, n), f32)],
         compiler_params=_params(opt.dstate_warps, opt.fwd_stages), interpret=opt.interpret,
         name="ssd_bwd_dstate",
     )(*args)
-    return dstates, dinit
+    return dstates, dinit[:, 0]
 
 
 # --------------------------------------------------------------------------- backward: chunk grads
