@@ -1,14 +1,16 @@
 """Causal grouped-query self-attention with optional (partial) RoPE and packed-sequence support.
 
 The layer is split so a cached decode step can reuse the pieces: ``qkv`` (projections + RoPE),
-``attend`` (the attention core: XLA / cuDNN via ``jax.nn.dot_product_attention``, or Pallas splash
-attention on TPU) and ``out`` (output projection). ``__call__`` is ``out(attend(*qkv(x)))``.
+``attend`` (the attention core: XLA via ``jax.nn.dot_product_attention``, cuDNN flash attention on
+GPUs, Pallas splash attention on TPUs) and ``out`` (output projection). ``__call__`` is
+``out(attend(*qkv(x)))``.
 
 Shapes: ``b`` batch, ``l`` length, ``h`` query heads, ``g`` kv heads, ``d`` head dim.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 import jax
@@ -20,8 +22,12 @@ from jamba_jax.config import AttentionConfig
 from jamba_jax.layers.common import dense
 from jamba_jax.ops import segment_starts
 
-AttentionImpl = Literal["auto", "xla", "splash"]
-ATTENTION_IMPLS: tuple[str, ...] = ("auto", "xla", "splash")
+log = logging.getLogger("jamba_jax")
+
+AttentionImpl = Literal["auto", "xla", "cudnn", "splash"]
+ATTENTION_IMPLS: tuple[str, ...] = ("auto", "xla", "cudnn", "splash")
+#: What ``impl="auto"`` means on a GPU; set it to ``"xla"`` (before tracing) to keep cuDNN out.
+GPU_AUTO_IMPL = "cudnn"
 
 
 # ----------------------------------------------------------------------------------------------- RoPE
@@ -73,6 +79,74 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Arr
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=None)
 
 
+def _cudnn_supported(q: jax.Array, k: jax.Array) -> bool:
+    """Shapes and dtypes cuDNN's flash attention takes (the rest is checked when tracing)."""
+    d = q.shape[-1]
+    return (q.dtype in (jnp.bfloat16, jnp.float16) and k.dtype == q.dtype and d == k.shape[-1]
+            and d % 8 == 0 and d <= 256)
+
+
+def blockwise_masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
+                               block_q: int = 512) -> jax.Array:
+    """``xla_attention`` with document masking, ``block_q`` queries at a time.
+
+    Each block sees all keys under a causal-and-same-document mask and is rematerialised in the
+    backward pass, so at most one block's ``(b, h, block_q, l)`` scores exist at once instead of the
+    whole ``(b, h, l, l)``. Same contract as ``xla_attention``; ``l`` not a multiple of the block
+    is padded at the end (padded queries are dropped).
+    """
+    b, l, h, d = q.shape
+    block_q = min(block_q, l)
+    nb = -(-l // block_q)
+    lp = nb * block_q
+    doc = _document_ids(segment_ids)
+    qp = jnp.pad(q, [(0, 0), (0, lp - l), (0, 0), (0, 0)])
+    q_blocks = qp.reshape(b, nb, block_q, h, d).swapaxes(0, 1)  # (nb, b, block_q, h, d)
+    q_doc = jnp.pad(doc, [(0, 0), (0, lp - l)], mode="edge").reshape(b, nb, block_q).swapaxes(0, 1)
+    q_pos = jnp.arange(lp, dtype=jnp.int32).reshape(nb, block_q)
+    k_pos = jnp.arange(l, dtype=jnp.int32)
+
+    @jax.checkpoint
+    def one(args):
+        qb, qd, qpos = args
+        mask = (qd[:, :, None] == doc[:, None, :]) & (qpos[:, None] >= k_pos[None, :])[None]
+        return jax.nn.dot_product_attention(qb, k, v, mask=mask[:, None], implementation="xla")
+
+    out = jax.lax.map(one, (q_blocks, q_doc, q_pos))  # (nb, b, block_q, h, d)
+    return out.swapaxes(0, 1).reshape(b, lp, h, d)[:, :l]
+
+
+def _flash(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+
+_warned: set[str] = set()
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """Causal GQA through cuDNN flash attention (GPU), same contract as ``xla_attention``.
+
+    cuDNN's causal kernel takes no document mask, so with ``segment_ids`` a ``lax.cond`` runs it
+    when every row is one document (ids constant along the row) and `blockwise_masked_attention`
+    otherwise. Inputs cuDNN cannot take (float32, head dims over 256 or not a multiple of 8, no
+    cuDNN) go to ``xla_attention`` instead.
+    """
+    if _cudnn_supported(q, k):
+        try:
+            jax.eval_shape(_flash, *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k, v)))  # cuDNN's checks
+        except (NotImplementedError, ValueError, RuntimeError, TypeError) as e:
+            if str(e) not in _warned:
+                _warned.add(str(e))
+                log.warning("cuDNN attention unavailable (%s): using XLA attention", e)
+        else:
+            if segment_ids is None:
+                return _flash(q, k, v)
+            one_document = jnp.all(segment_ids == segment_ids[:, :1])
+            return jax.lax.cond(one_document, lambda: _flash(q, k, v),
+                                lambda: blockwise_masked_attention(q, k, v, segment_ids).astype(q.dtype))
+    return xla_attention(q, k, v, segment_ids)
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -116,11 +190,14 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
 
 
 def resolve_impl(impl: str) -> str:
-    """``"auto"`` -> ``"splash"`` on TPU, ``"xla"`` elsewhere."""
+    """``"auto"`` -> ``"splash"`` on TPU, `GPU_AUTO_IMPL` (``"cudnn"``) on GPU, ``"xla"`` elsewhere."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl={impl!r}: expected one of {ATTENTION_IMPLS}")
     if impl == "auto":
-        return "splash" if jax.default_backend() == "tpu" else "xla"
+        backend = jax.default_backend()
+        if backend == "tpu":
+            return "splash"
+        return GPU_AUTO_IMPL if backend in ("gpu", "cuda", "rocm") else "xla"
     return impl
 
 
@@ -153,8 +230,8 @@ class Attention(nnx.Module):
     ('heads', 'embed'). Head ``i`` is columns ``[i*d, (i+1)*d)``; query head ``i`` uses kv head
     ``i // (h // g)`` (transformers' ``repeat_kv`` order).
 
-    ``impl``: ``"auto"`` (splash on TPU, else XLA), ``"xla"`` or ``"splash"``; ``splash_block``
-    caps the splash block size; ``interpret`` is passed to splash (``None``: auto).
+    ``impl``: ``"auto"`` (splash on TPU, cuDNN on GPU, else XLA), ``"xla"``, ``"cudnn"`` or ``"splash"``;
+    ``splash_block`` caps the splash block size; ``interpret`` is passed to splash (``None``: auto).
     """
 
     def __init__(self, cfg: AttentionConfig, d_model: int, *, impl: AttentionImpl = "auto",
@@ -203,8 +280,11 @@ class Attention(nnx.Module):
         ``segment_ids (b, l)``: attention stays within a run of equal ids. ``impl`` overrides the
         module's. (Cached decoding, with fewer queries than keys, is `decode_step`.)
         """
-        if resolve_impl(impl or self.impl) == "splash":
+        resolved = resolve_impl(impl or self.impl)
+        if resolved == "splash":
             return splash_attention(q, k, v, segment_ids, max_block=self.splash_block, interpret=self.interpret)
+        if resolved == "cudnn":
+            return cudnn_attention(q, k, v, segment_ids)
         return xla_attention(q, k, v, segment_ids)
 
     def out(self, o: jax.Array) -> jax.Array:

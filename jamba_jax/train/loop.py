@@ -81,13 +81,49 @@ def build_model(cfg: TrainConfig, rngs: nnx.Rngs) -> LanguageModel:
     return LanguageModel(cfg.model, rngs=rngs, **kwargs)
 
 
+def _ce_parts(logits, targets):
+    """``logsumexp`` over the vocabulary and the target's logit, float32 ``(b, l)`` each."""
+    x = logits.astype(jnp.float32)  # fused into the reductions, never written whole
+    top = jnp.max(x, axis=-1)
+    lse = top + jnp.log(jnp.sum(jnp.exp(x - top[..., None]), axis=-1))
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0].astype(jnp.float32)
+    return lse, target_logit
+
+
+@jax.custom_vjp
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """``logsumexp(logits) - logits[target]`` per position, float32, for logits of any float dtype.
+
+    Nothing of the logits' size is kept or written in float32: the forward pass keeps only the
+    log-normaliser ``(b, l)`` besides the logits themselves, and the backward pass writes the
+    gradient ``softmax - onehot`` once, in the logits' dtype (the log-softmax form would keep a
+    float32 ``(b, l, vocab)`` log-probability array for the backward pass).
+    """
+    lse, target_logit = _ce_parts(logits, targets)
+    return lse - target_logit
+
+
+def _cross_entropy_fwd(logits, targets):
+    lse, target_logit = _ce_parts(logits, targets)
+    return lse - target_logit, (logits, targets, lse)
+
+
+def _cross_entropy_bwd(res, g):
+    logits, targets, lse = res
+    probs = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
+    onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == targets[..., None]
+    dlogits = (probs - onehot.astype(jnp.float32)) * g[..., None]
+    return dlogits.astype(logits.dtype), np.zeros(targets.shape, jax.dtypes.float0)
+
+
+cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+
+
 def token_losses(model, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Per-token cross-entropy ``(b, l)`` (float32, not masked) and the model's auxiliary losses."""
     logits, aux = model(batch["input_ids"], segment_ids=batch["segment_ids"], positions=batch["positions"],
                         return_aux=True)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    ce = -jnp.take_along_axis(logp, batch["targets"][..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return ce, aux
+    return cross_entropy(logits, batch["targets"].astype(jnp.int32)), aux
 
 
 class Trainer:
