@@ -1,8 +1,12 @@
-"""Cached generation: transformers parity, decode == full forward, ragged batches, eos, sampling, CLI.
+"""Cached generation: transformers parity, decode == full forward, ragged batches, eos, sampling, CLI,
+bfloat16 SSM state, in-place cache updates in the compiled decode loop.
 
 XLA compiles slowly on a small CPU, so the models are tiny, periods short, and each test compiles
 as few distinct functions as it can.
 """
+
+import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -13,11 +17,12 @@ import transformers
 from flax import nnx
 
 import jamba_jax
-from jamba_jax.cache import KVCache, SSMCache, cache_shapes
+from jamba_jax.cache import KVCache, SSMCache, cache_bytes, cache_shapes, init_cache
 from jamba_jax.config import AttentionConfig, Mamba1Config, Mamba2Config, ModelConfig, MoEConfig, RopeConfig
 from jamba_jax.generate import TokenStream, decode_step, main, prefill, sample
 from jamba_jax.model import LanguageModel
 from jamba_jax.params import model_from_flat, param_shapes
+from tests.helpers import rel_l2
 from tests.torch_models import random_torch_model
 
 # ------------------------------------------------------------------ 1. greedy == transformers
@@ -108,12 +113,16 @@ def own_model(name):
     return _models[name]
 
 
-@nnx.jit(static_argnames=("max_len",))
-def _teacher_forced(model, ids, lengths, feed, *, max_len):
-    """Prefill the ragged prompts, then decode the tokens ``feed (b, s)``: logits ``(b, s + 1, vocab)``."""
-    logits, cache = prefill(model, ids, lengths, max_len=max_len)
+@nnx.jit(static_argnames=("max_len", "state_dtype", "zero_state"))
+def _teacher_forced(model, ids, lengths, feed, *, max_len, state_dtype="float32", zero_state=False):
+    """Prefill the ragged prompts, then decode the tokens ``feed (b, s)``: logits ``(b, s + 1, vocab)``.
+    ``zero_state``: wipe every SSM state before each decode step (a control: what the state is worth)."""
+    logits, cache = prefill(model, ids, lengths, max_len=max_len, state_dtype=state_dtype)
 
     def step(cache, tokens):
+        if zero_state:
+            cache = dataclasses.replace(cache, layers=tuple(
+                SSMCache(c.conv, jnp.zeros_like(c.ssm)) if isinstance(c, SSMCache) else c for c in cache.layers))
         out, cache = decode_step(model, tokens, cache)
         return cache, out
 
@@ -147,7 +156,6 @@ def test_decode_matches_full_forward(name):
 def test_bfloat16_decode_tracks_full_forward():
     """bf16 weights and activations (float32 SSM state): decode stays near the bf16 full forward."""
     from jamba_jax.params import flat_params
-    from tests.helpers import rel_l2
 
     m32 = own_model("mamba2")
     model = model_from_flat(m32.config, flat_params(m32), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
@@ -272,3 +280,146 @@ def test_cli_uses_tokenizer_json(tmp_path, capsys):
     assert main(["--model", str(tmp_path), "--prompt", "w1 w2 w3", "--max-new-tokens", "4", "--ignore-eos"]) == 0
     new = np.asarray(jamba_jax.generate(model, np.array([[1, 2, 3]]), max_new_tokens=4))[0, 3:]
     assert capsys.readouterr().out == "w1 w2 w3" + tok.decode(new.tolist()) + "\n"
+
+
+# ------------------------------------------------------------------------ 5. bfloat16 SSM state
+
+BF16_U = 2.0 ** -8  # bfloat16's unit roundoff: 8 significant bits, round to nearest
+
+
+@pytest.mark.parametrize("name", ["mamba1", "mamba2", "hybrid"])
+def test_bfloat16_state_tracks_float32_state(name):
+    """Decoding from a bfloat16 SSM state stays within rounding distance of the float32 state.
+
+    The bound: storing the state in bfloat16 perturbs it by a relative <= u = 2^-8 each step (the
+    update itself is float32), so the logits move by about (relative state error) x (what the state
+    contributes to the logits). The latter, S, is measured here as the logits' relative change when
+    the state is wiped before every step. Observed: err ~ u/2 x S for all three models (rounding
+    errors average out, decay forgets old ones); the bound 2 u S leaves 4x for accumulation over the
+    12 steps. A decode that computed the update in bfloat16, rounded more than once per step, or
+    stored a stale/wrong state moves the logits by a sizeable fraction of S and fails.
+    """
+    model = own_model(name)
+    L, lengths = 24, np.array([5, 9, 7])
+    ids = _ids(model.config.vocab_size, b=3, l=L, seed=11)
+    feed = jnp.asarray(np.stack([ids[i, lengths[i]:lengths[i] + 12] for i in range(3)]))
+    prompt = jnp.asarray(np.where(np.arange(L)[None] < lengths[:, None], ids, 0)[:, :lengths.max()])
+    args = (model, prompt, jnp.asarray(lengths), feed)
+    ref, _ = _teacher_forced(*args, max_len=L)
+    got, cache = _teacher_forced(*args, max_len=L, state_dtype="bfloat16")
+    wiped, _ = _teacher_forced(*args, max_len=L, zero_state=True)
+    ref, got = np.asarray(ref), np.asarray(got)
+    worth = rel_l2(np.asarray(wiped)[:, 1:], ref[:, 1:])
+    assert worth > 1e-3, "the SSM state hardly reaches the logits: the comparison would prove nothing"
+    err = rel_l2(got, ref)
+    assert err < 2 * BF16_U * worth, (err, worth)
+    np.testing.assert_array_equal(got.argmax(-1), ref.argmax(-1))  # same greedy choices along the way
+    for kind, layer in zip(model.config.layers, cache.layers):  # the dtype survives prefill and decode
+        if isinstance(layer, SSMCache):
+            assert layer.ssm.dtype == jnp.bfloat16 and layer.conv.dtype == jnp.float32, kind
+        elif isinstance(layer, KVCache):
+            assert layer.k.dtype == layer.v.dtype == jnp.float32
+
+
+def test_bfloat16_state_generate_and_stream(small):
+    ids = _small_ids(8)
+    ref = np.asarray(jamba_jax.generate(small, ids, max_new_tokens=N_NEW))
+    got = np.asarray(jamba_jax.generate(small, ids, max_new_tokens=N_NEW, state_dtype=jnp.bfloat16))
+    np.testing.assert_array_equal(got, ref)  # greedy tokens: the logits differ by ~1e-5 relative
+    stream = TokenStream(small, ids, max_new_tokens=N_NEW, chunk=4, state_dtype="bfloat16")
+    np.testing.assert_array_equal(np.concatenate(list(stream), axis=1), got[:, 5:])
+    ssm = [layer.ssm for layer in stream.state.cache.layers if isinstance(layer, SSMCache)]
+    assert ssm and all(a.dtype == jnp.bfloat16 for a in ssm)
+
+
+def test_cache_state_dtype_shapes_and_bytes():
+    cfg = OWN_CONFIGS["hybrid"]
+    s32, s16 = cache_shapes(cfg, 3, 10), cache_shapes(cfg, 3, 10, state_dtype=jnp.bfloat16)
+    assert jax.tree.map(lambda a: a.shape, s32) == jax.tree.map(lambda a: a.shape, s16)
+    ssm, kv = s16.layers[0], s16.layers[1]
+    assert (ssm.ssm.dtype, ssm.conv.dtype, kv.k.dtype) == (jnp.bfloat16, jnp.float32, jnp.float32)
+    zeros = init_cache(cfg, 3, 10, state_dtype="bfloat16")
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), zeros) == jax.tree.map(lambda a: (a.shape, a.dtype), s16)
+    b32, b16 = cache_bytes(cfg, 3, 10), cache_bytes(cfg, 3, 10, state_dtype="bfloat16")
+    assert b16["ssm"] * 2 == b32["ssm"] and b16["conv"] == b32["conv"] and b16["kv"] == b32["kv"]
+    # the motivating figure: Mamba-2 2.7B at batch 64 holds 64 x 64 x (80 x 64 x 128) state values
+    from jamba_jax.presets import load_preset
+
+    big = load_preset("mamba2-2.7b")
+    n = 64 * 64 * 80 * 64 * 128
+    assert cache_bytes(big, 64, 1)["ssm"] == 4 * n and cache_bytes(big, 64, 1, state_dtype="bfloat16")["ssm"] == 2 * n
+
+
+@pytest.mark.parametrize("bad", ["float16", "float64", jnp.int8, "bf16", None])
+def test_bad_state_dtype_raises(small, bad):
+    ids = _small_ids(4)
+    for call in (lambda: jamba_jax.generate(small, ids, max_new_tokens=3, state_dtype=bad),
+                 lambda: TokenStream(small, ids, max_new_tokens=3, state_dtype=bad),
+                 lambda: prefill(small, jnp.asarray(ids), state_dtype=bad),
+                 lambda: cache_shapes(small.config, 2, 8, state_dtype=bad)):
+        with pytest.raises(ValueError, match="state_dtype must be one of"):
+            call()
+    if bad == "float16":
+        with pytest.raises(SystemExit):  # argparse: invalid choice
+            main(["--model", ".", "--prompt", "x", "--state-dtype", "float16"])
+
+
+# --------------------------------------------------------- 6. the compiled decode loop's cache traffic
+
+_HLO_DTYPES = {"float32": "f32", "bfloat16": "bf16"}
+_INSTR = re.compile(r"^\s*(ROOT\s+)?%(\S+)\s*=\s*(\w+)\[([\d,]*)\]\S*\s+([\w-]+)\((.*)$")
+
+
+def _whole_cache_writes(hlo: str, cache) -> list[str]:
+    """Instructions outside fused computations that write a whole array shaped like a stacked cache
+    array other than in place: ``copy`` ops, and fusions whose root (through bitcasts) is not a
+    dynamic-update-slice or scatter."""
+    shapes = {(_HLO_DTYPES[jnp.dtype(a.dtype).name], ",".join(map(str, a.shape)))
+              for a in jax.tree.leaves(cache) if a.ndim >= 3}
+    comps, comp, listed = {}, None, []
+    for line in hlo.splitlines():
+        if line and not line[0].isspace():
+            comp = line.split()[1] if line.startswith("ENTRY") else line.split()[0] if line[0] == "%" else None
+            comps[comp] = {}
+            continue
+        m = _INSTR.match(line)
+        if m and comp:
+            root, name, dtype, dims, opcode, rest = m.groups()
+            comps[comp][name] = (opcode, rest)
+            if root:
+                comps[comp][None] = name  # the computation's root
+            listed.append((comp, name, dtype, dims, opcode, rest))
+
+    def root_opcode(c):
+        name = comps.get(c, {}).get(None)
+        while name is not None:
+            opcode, rest = comps[c][name]
+            if opcode != "bitcast":
+                return opcode
+            name = re.findall(r"%([\w.-]+)", rest)[0]
+        return None
+
+    bad = []
+    for c, name, dtype, dims, opcode, rest in listed:
+        if c.lstrip("%").startswith(("fused", "wrapped")) or (dtype, dims) not in shapes:
+            continue
+        called = re.search(r"calls=(%[\w.-]+)", rest)
+        if "copy" in opcode or (opcode == "fusion" and root_opcode(called and called.group(1))
+                                not in ("dynamic-update-slice", "scatter")):
+            bad.append(f"{name}: {dtype}[{dims}] {opcode}")
+    return bad
+
+
+@pytest.mark.parametrize("name", sorted(OWN_CONFIGS))
+def test_decode_loop_updates_cache_in_place(name):
+    """The compiled token loop (prefill's output donated) never copies or rewrites a whole stacked
+    cache array: each layer updates its own entry in place. With the old Mamba update (y read out of
+    the old entry by a separate fusion) XLA copied the whole stacked SSM state twice per layer per
+    token. float32 model and state: the CPU backend upcasts a bfloat16 update to float32 and rewrites
+    the whole array, whatever the code does (a CPU-only limitation)."""
+    model = own_model(name)
+    ids = _ids(model.config.vocab_size, b=3, l=7, seed=5)
+    stream = TokenStream(model, ids, max_new_tokens=5, chunk=4)
+    stream.compile()
+    shapes = cache_shapes(model.config, 3, 7 + 5 - 1)
+    assert _whole_cache_writes(stream._advance_fn.as_text(), shapes) == []
