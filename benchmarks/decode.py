@@ -35,9 +35,10 @@ HBM fraction = the minimum bytes a decode step must move over the step time and 
 (3.35e12 B/s: H100 SXM): every weight matrix read once (the embedding table only where it is also
 the head), the SSM and conv state read once and written once in the run's state dtype, the whole
 preallocated KV cache read. The same count is used for both implementations, so the fraction
-compares them directly (ours in fact reads the SSM state twice per step: XLA cannot fuse the read-out
-with the in-place update, see `jamba_jax.layers.mamba2.ssd_decode_update`; mamba_ssm's Triton kernel
-reads it once). "vs mamba_ssm" is our decode tokens/s over mamba_ssm's at the same batch.
+compares them directly. Our Mamba-2 state update is the fused kernel of
+`pallas_kernels.ssd.decode` (the state read once and written in place, as mamba_ssm's Triton
+``selective_state_update`` does); a last phase runs the 2.7B at the largest batch with the XLA
+update instead (it reads the state twice) to show the kernel's effect. "vs mamba_ssm" is our decode tokens/s over mamba_ssm's at the same batch.
 
 For each of our runs the compiled decode loop's HLO is also searched for copies of an array the
 shape of a stacked cache array or for fusions that rewrite one whole (a copy of the whole SSM / KV
@@ -354,13 +355,21 @@ def bench_mamba_ssm(mods, cfg: ModelConfig, ids: np.ndarray, gen_len: int, repea
 @dataclasses.dataclass(frozen=True)
 class Phase:
     model: str
-    impl: str          # "jamba_jax" | PEER
+    impl: str          # "jamba_jax" | XLA_UPDATE (ours with the XLA state update) | PEER
     state_dtype: str   # the SSM state's dtype (mamba_ssm: bfloat16)
     batch: int
 
     @property
     def label(self) -> str:
         return f"{self.model} {self.impl} state={self.state_dtype} batch={self.batch}"
+
+
+XLA_UPDATE = "jamba_jax_xla_update"
+
+
+def _mamba2_mixers(model):
+    from jamba_jax.layers.mamba2 import Mamba2Mixer
+    return [m for _, m in model.iter_modules() if isinstance(m, Mamba2Mixer)]
 
 
 def plan(names: list[str], batches: list[int], state_dtypes: tuple[str, ...], peer: bool) -> list[Phase]:
@@ -373,6 +382,8 @@ def plan(names: list[str], batches: list[int], state_dtypes: tuple[str, ...], pe
             phases += [Phase(name, "jamba_jax", sd, b) for b in batches for sd in state_dtypes]
         else:  # the bigger model: the first dtype (bf16, the contender) at every batch first
             phases += [Phase(name, "jamba_jax", sd, b) for sd in state_dtypes for b in batches]
+    if "mamba2-2.7b" in names:  # last: the fused decode kernel's effect (XLA update instead)
+        phases += [Phase("mamba2-2.7b", XLA_UPDATE, state_dtypes[0], max(batches))]
     return phases
 
 
@@ -526,8 +537,10 @@ def main(argv=None) -> None:
                     jax.block_until_ready(nnx.state(models[phase.model]))
                     run.log(f"{phase.model}: {cfg.n_layers} sublayers, period {cfg.period}, random bf16 weights "
                             f"in {time.perf_counter() - t0:.1f} s")
-                hlo = (run.out / "hlo" / f"{phase.model}_b{phase.batch}_{phase.state_dtype}_decode.hlo.txt.gz"
-                       if run.out else None)
+                for mixer in _mamba2_mixers(models[phase.model]):
+                    mixer.decode_impl = "xla" if phase.impl == XLA_UPDATE else "auto"
+                hlo = (run.out / "hlo" / f"{phase.model}_{phase.impl}_b{phase.batch}_{phase.state_dtype}"
+                       "_decode.hlo.txt.gz" if run.out else None)
                 r = bench_jax(models[phase.model], ids, gen_len, repeats, phase.state_dtype, hlo)
         except Exception as e:  # noqa: BLE001 - one failed configuration should not end the run
             run.failed.append({"phase": phase.label, "error": f"{type(e).__name__}: {e}"})

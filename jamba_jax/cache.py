@@ -158,11 +158,11 @@ def cache_bytes(cfg, batch: int, max_len: int, dtype=jnp.float32, state_dtype=jn
 #
 # A decode step rides the stacked cache arrays in the layer scan's carry and rewrites entry ``layer``
 # with a dynamic-update-slice, which XLA does in place only if no other read of the *old* array can
-# still be pending when the update runs. The rule the mixers follow: read ``cache[layer]`` only to
-# compute the value written back (the update fusion reads and writes the same entry), and take
-# anything else (Mamba's y, attention's scores) from the *updated* array. A y computed from the old
-# entry in a separate fusion made XLA copy the whole stacked SSM state twice per layer per token on
-# CPU (``copy(f32[repeats, b, h, p, n])`` in the compiled while loop); with the rule there is none.
+# still be pending when the update runs. A y computed from the old entry in a separate fusion made
+# XLA copy the whole stacked SSM state twice per layer per token on CPU (``copy(f32[repeats, b, h,
+# p, n])`` in the compiled while loop). The XLA state updates therefore make the written value
+# depend on every other read of the old entry (`pallas_kernels.ssd.decode`), and the GPU kernel
+# reads and writes the entry in one program through an aliased buffer; either way there is no copy.
 # The layer index is non-negative by construction, so no negative-index wrap-around is emitted.
 
 def layer_slice(a: jax.Array, layer) -> jax.Array:

@@ -47,7 +47,7 @@ def selective_scan_decode_update(ssm: jax.Array, layer, u: jax.Array, delta: jax
     ``ssm.dtype`` only when stored. y is read out of the *old* state,
     ``y = (sum_n exp(delta A) state C + delta u (B . C) + D u) silu(z)``, and the update consumes it
     (``+ 0 * y``) so that the read of the old entry is ordered before its in-place overwrite (see
-    `jamba_jax.layers.mamba2.ssd_decode_update`).
+    `pallas_kernels.ssd.decode`).
     """
     f32 = jnp.float32
     uf = u.astype(f32)

@@ -12,61 +12,8 @@ from jamba_jax.layers.common import dense, param
 from jamba_jax.layers.ssm_init import conv_init, dt_bias_init
 from jamba_jax.ops import causal_conv1d, gated_rms_norm
 from pallas_kernels.ssd import ssd
+from pallas_kernels.ssd.decode import ssd_decode_update
 from pallas_kernels.ssd.reference import preprocess_dt
-
-
-def ssd_step(state: jax.Array, x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
-             D: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """One step of the SSD recurrence (the decode counterpart of ``pallas_kernels.ssd.ssd``).
-
-    state ``(b, h, p, n)`` float32; x ``(b, h, p)``; dt ``(b, h)`` *already* biased / softplus-ed /
-    clipped (float32); A ``(h,)``; B, C ``(b, g, n)`` (head i reads group ``i // (h // g)``); D
-    ``(h,)`` or ``(h, p)``. ``state' = exp(dt A) state + dt x B^T``, ``y = state' C + D x``.
-    Returns ``y (b, h, p)`` in x.dtype and the new state (float32).
-    """
-    f32 = jnp.float32
-    h, g = x.shape[1], B.shape[1]
-    Bh = jnp.repeat(B.astype(f32), h // g, axis=1)[:, :, None, :]  # (b, h, 1, n)
-    Ch = jnp.repeat(C.astype(f32), h // g, axis=1)[:, :, None, :]
-    xf = x.astype(f32)
-    decay = jnp.exp(dt * A.astype(f32))[:, :, None, None]
-    state = decay * state.astype(f32) + (dt[:, :, None] * xf)[..., None] * Bh
-    y = jnp.sum(state * Ch, axis=-1)  # (b, h, p); a fused reduce, no second pass over the state
-    if D is not None:
-        D = D.astype(f32)
-        y = y + (D[:, None] if D.ndim == 1 else D) * xf
-    return y.astype(x.dtype), state
-
-
-def ssd_decode_update(ssm: jax.Array, layer, x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
-                      D: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """`ssd_step` on entry ``layer`` of a stacked state, updated in place: ``(y, ssm with ssm[layer] = state')``.
-
-    ssm ``(repeats, b, h, p, n)`` (``layer=None``: ``(b, h, p, n)``) in its storage dtype (float32
-    or bfloat16); other arguments as `ssd_step`. The math is float32 throughout; the new state is
-    rounded to ``ssm.dtype`` only when stored.
-
-    Bytes: the layer's state is read twice and written once. y comes from the *old* state,
-    ``y = exp(dt A) (state C) + dt x (B . C) + D x`` (equal to ``state' C + D x``), in a reduction
-    that XLA cannot fuse with the in-place update, so the update is made to consume y (``+ 0 * y``,
-    which XLA does not fold for floats). That data dependency orders the read of the old entry
-    before its overwrite; without it XLA may schedule them either way and copies the whole stacked
-    array (every layer, every token) to keep the old one. See the notes in `jamba_jax.cache`.
-    """
-    f32 = jnp.float32
-    h, g = x.shape[1], B.shape[1]
-    old = layer_slice(ssm, layer).astype(f32)
-    Bh = jnp.repeat(B.astype(f32), h // g, axis=1)  # (b, h, n)
-    Ch = jnp.repeat(C.astype(f32), h // g, axis=1)
-    decay = jnp.exp(dt * A.astype(f32))  # (b, h)
-    dtx = dt[:, :, None] * x.astype(f32)  # (b, h, p)
-    sc = jnp.sum(old * Ch[:, :, None, :], axis=-1)  # (b, h, p): the old state read out
-    y = decay[:, :, None] * sc + dtx * jnp.sum(Bh * Ch, axis=-1)[:, :, None]
-    if D is not None:
-        D = D.astype(f32)
-        y = y + (D[:, None] if D.ndim == 1 else D) * x.astype(f32)
-    new = decay[:, :, None, None] * old + dtx[..., None] * Bh[:, :, None, :] + 0.0 * sc[..., None]
-    return y.astype(x.dtype), layer_update(ssm, new, layer)
 
 
 class Mamba2Mixer(nnx.Module):
@@ -78,6 +25,9 @@ class Mamba2Mixer(nnx.Module):
     def __init__(self, cfg: Mamba2Config, d_model: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs, impl: str = "auto"):
         self.cfg, self.dtype, self.impl = cfg, dtype, impl
+        # The decode step's state update (`ssd_decode_update`): the fused GPU kernel where there is
+        # one unless a pure-JAX scan path was asked for.
+        self.decode_impl = impl if impl in ("xla", "reference") else "auto"
         h = cfg.n_heads
         self.in_proj = dense(d_model, cfg.d_inner + cfg.conv_dim + h, ("embed", "ssm_inner"), bias=cfg.proj_bias,
                              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -156,7 +106,7 @@ class Mamba2Mixer(nnx.Module):
         dt = preprocess_dt(dt, self.dt_bias[...], True, cfg.dt_limit)  # (b, h) float32
         xs = xs.reshape(b, h, p)
         y, ssm = ssd_decode_update(cache.ssm, layer, xs, dt, -jnp.exp(self.A_log[...]), B.reshape(b, g, n),
-                                   C.reshape(b, g, n), self.D[...])
+                                   C.reshape(b, g, n), self.D[...], impl=self.decode_impl)
         y = gated_rms_norm(y.reshape(b, cfg.d_inner), z, self.norm_weight[...],
                            group_size=cfg.d_inner // g, eps=cfg.norm_eps)
         return self.out_proj(y)[:, None], SSMCache(layer_update(cache.conv, window, layer), ssm)
