@@ -40,12 +40,10 @@ compares them directly. Our Mamba-2 state update is the fused kernel of
 ``selective_state_update`` does); a last phase runs the 2.7B at the largest batch with the XLA
 update instead (it reads the state twice) to show the kernel's effect. "vs mamba_ssm" is our decode tokens/s over mamba_ssm's at the same batch.
 
-For each of our runs the compiled decode loop's HLO is also searched for copies of an array the
-shape of a stacked cache array or for fusions that rewrite one whole (a copy of the whole SSM / KV
-cache per layer or per step would multiply the bytes moved); they are logged and stored
-(``whole_cache_writes``; expected none on a GPU; on a CPU every bfloat16 array shows up, as that
-backend upcasts a bfloat16 update to float32), and with ``$OUT`` set the HLO text is saved gzipped
-under ``$OUT/hlo/``.
+For each of our runs the compiled decode loop is searched for copies of SSM state or KV arrays
+(`jamba_jax.cache.cache_copies_in_loop`: each would add the state's bytes to every step); they are
+logged and stored (``whole_cache_writes``; expected none), and with ``$OUT`` set the HLO text is
+saved gzipped under ``$OUT/hlo/``.
 
 Output: a log line per run as it finishes, ``$OUT/decode.log`` and ``$OUT/decode.json`` (rewritten
 after every phase) when ``$OUT`` (or ``--out``) is set, and a markdown table printed last.
@@ -66,7 +64,6 @@ import gc  # noqa: E402
 import gzip  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
-import re  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -84,7 +81,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from jamba_jax.cache import cache_bytes, cache_shapes  # noqa: E402
+from jamba_jax.cache import cache_bytes, cache_copies_in_loop, cache_shapes  # noqa: E402
 from jamba_jax.config import AttentionConfig, Mamba2Config, MLPConfig, ModelConfig, layers_from_pattern  # noqa: E402
 from jamba_jax.generate import TokenStream  # noqa: E402
 from jamba_jax.model import LanguageModel  # noqa: E402
@@ -168,69 +165,6 @@ def decode_step_bytes(model: LanguageModel, batch: int, max_len: int, state_dtyp
     return {"weights": weights, "state": 2 * (parts["ssm"] + parts["conv"]), "kv": parts["kv"]}
 
 
-# ---------------------------------------------------------------------------- HLO copy check
-
-_HLO_DTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "int32": "s32"}
-_INSTR = re.compile(r"^\s*(ROOT\s+)?%(\S+)\s*=\s*(\w+)\[([\d,]*)\]\S*\s+([\w-]+)\((.*)$")
-_IN_PLACE_ROOTS = ("dynamic-update-slice", "scatter")
-
-
-def whole_cache_writes(hlo_text: str, cache_struct) -> list[str]:
-    """Instructions of a compiled module that write a whole array shaped like a (stacked) cache array
-    other than in place: ``copy`` ops, and fusions whose root is not a dynamic-update-slice or
-    scatter (bitcasts looked through), e.g. ``convert(dynamic-update-slice(convert(cache)))``.
-    Fused computations' own bodies are not listed (their fusion instruction is). ``[]`` is the goal:
-    every per-step write of a cache array is then an in-place update of the entries it changes.
-    """
-    shapes = set()
-    for leaf in jax.tree.leaves(cache_struct):
-        if len(leaf.shape) >= 3:  # the stacked arrays; lengths (b,) is not a cache array
-            shapes.add((_HLO_DTYPES.get(jnp.dtype(leaf.dtype).name, jnp.dtype(leaf.dtype).name),
-                        ",".join(map(str, leaf.shape))))
-    roots: dict[str, str] = {}  # computation -> root opcode (through bitcasts)
-    instrs: dict[str, dict[str, tuple[str, str]]] = {}  # computation -> name -> (opcode, operands)
-    body: list[tuple[str, str, str, str, str]] = []  # non-fused (computation, name, dtype, dims, opcode + rest)
-    comp = None
-    for line in hlo_text.splitlines():
-        if line and not line[0].isspace():  # a computation header (or "}")
-            comp = line.split()[1] if line.startswith("ENTRY") else line.split()[0] if line[0] == "%" else None
-            if comp:
-                instrs[comp] = {}
-            continue
-        m = _INSTR.match(line)
-        if m is None or comp is None:
-            continue
-        is_root, name, dtype, dims, opcode, rest = m.groups()
-        instrs[comp][name] = (opcode, rest)
-        if is_root:
-            roots[comp] = name
-        body.append((comp, name, dtype, dims, opcode, rest))
-
-    def root_opcode(c: str) -> str:
-        name = roots.get(c)
-        seen = 0
-        while name is not None and seen < 8:
-            opcode, rest = instrs[c][name]
-            if opcode != "bitcast":
-                return opcode
-            ops = re.findall(r"%([\w.-]+)", rest)
-            name, seen = (ops[0] if ops else None), seen + 1
-        return "?"
-
-    found = []
-    for c, name, dtype, dims, opcode, rest in body:
-        if c.lstrip("%").startswith(("fused", "wrapped")) or (dtype, dims) not in shapes:
-            continue
-        if "copy" in opcode:
-            found.append(f"%{name} = {dtype}[{dims}] {opcode}")
-        elif opcode == "fusion":
-            called = re.search(r"calls=(%[\w.-]+)", rest)
-            root = root_opcode(called.group(1)) if called else "?"
-            if root not in _IN_PLACE_ROOTS:
-                found.append(f"%{name} = {dtype}[{dims}] fusion (root {root})")
-    return found
-
-
 # ------------------------------------------------------------------------------------- timing
 
 def _median_time(fn, repeats: int) -> float:
@@ -248,7 +182,7 @@ def bench_jax(model, ids: np.ndarray, gen_len: int, repeats: int, state_dtype: s
     compile_s = stream.compile()
     hlo = stream._advance_fn.as_text()
     shapes = cache_shapes(model.config, batch, prompt_len + gen_len - 1, model.dtype, state_dtype)
-    copies = whole_cache_writes(hlo, shapes)
+    copies = cache_copies_in_loop(hlo, shapes)
     if hlo_path is not None:
         hlo_path.parent.mkdir(parents=True, exist_ok=True)
         with gzip.open(hlo_path, "wt") as f:
@@ -372,7 +306,8 @@ def _mamba2_mixers(model):
     return [m for _, m in model.iter_modules() if isinstance(m, Mamba2Mixer)]
 
 
-def plan(names: list[str], batches: list[int], state_dtypes: tuple[str, ...], peer: bool) -> list[Phase]:
+def plan(names: list[str], batches: list[int], state_dtypes: tuple[str, ...], peer: bool,
+         xla_update: bool = True) -> list[Phase]:
     """The phases in run order (see the module docstring)."""
     phases = []
     for name in names:
@@ -382,7 +317,7 @@ def plan(names: list[str], batches: list[int], state_dtypes: tuple[str, ...], pe
             phases += [Phase(name, "jamba_jax", sd, b) for b in batches for sd in state_dtypes]
         else:  # the bigger model: the first dtype (bf16, the contender) at every batch first
             phases += [Phase(name, "jamba_jax", sd, b) for sd in state_dtypes for b in batches]
-    if "mamba2-2.7b" in names:  # last: the fused decode kernel's effect (XLA update instead)
+    if xla_update and "mamba2-2.7b" in names:  # last: the fused decode kernel's effect (XLA update instead)
         phases += [Phase("mamba2-2.7b", XLA_UPDATE, state_dtypes[0], max(batches))]
     return phases
 
@@ -472,6 +407,7 @@ def main(argv=None) -> None:
                         help="seconds for the whole run; later phases are skipped past it (default 420; "
                              "--small: none; 0: none)")
     parser.add_argument("--no-peer", action="store_true", help="skip mamba_ssm")
+    parser.add_argument("--no-xla-update", action="store_true", help="skip the XLA-update comparison phase")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="log/JSON/HLO directory (default $OUT)")
     args = parser.parse_args(argv)
 
@@ -513,7 +449,7 @@ def main(argv=None) -> None:
                                                                 rngs=nnx.Rngs(0)))
                 for name, cfg in configs.items()}  # shapes only, for the byte counts
 
-    for phase in plan(names, batches, state_dtypes, peer is not None):
+    for phase in plan(names, batches, state_dtypes, peer is not None, not args.no_xla_update):
         cfg = configs[phase.model]
         if not run.fits(phase):
             run.skipped.append(phase.label)

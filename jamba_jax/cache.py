@@ -31,6 +31,7 @@ The single-token conv helpers used by both Mamba mixers live here too.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import jax
@@ -154,6 +155,22 @@ def cache_bytes(cfg, batch: int, max_len: int, dtype=jnp.float32, state_dtype=jn
     return out
 
 
+def unstack_cache(cache: Cache, repeats: int) -> Cache:
+    """The same cache with one entry per layer, without the leading repeats axis: entry
+    ``r * period + j`` is repetition ``r`` of sublayer ``j``. The token loop's form: each layer's
+    state is then a buffer of its own, updated in place as the loop carry, with no stacked array
+    to slice (see `jamba_jax.generate.layer_weights`)."""
+    return Cache(tuple(jax.tree.map(lambda a: a[r], layer) for r in range(repeats) for layer in cache.layers),
+                 cache.lengths)
+
+
+def stack_cache(cache: Cache, period: int) -> Cache:
+    """Inverse of `unstack_cache`: ``period`` entries, each stacked over repetitions."""
+    flat = cache.layers
+    return Cache(tuple(jax.tree.map(lambda *a: jnp.stack(a), *flat[j::period]) for j in range(period)),
+                 cache.lengths)
+
+
 # ------------------------------------------------------------------------- stacked-layer access
 #
 # A decode step rides the stacked cache arrays in the layer scan's carry and rewrites entry ``layer``
@@ -203,3 +220,66 @@ def conv_step(window: jax.Array, x: jax.Array, weight: jax.Array, bias: jax.Arra
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     return y.astype(x.dtype), full[:, 1:]
+
+
+# ------------------------------------------------------------------------------------ diagnostics
+
+_HLO_DTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+_HLO_INSTR = re.compile(r"^\s*(ROOT\s+)?%(\S+)\s*=\s*(\w+)\[([\d,]*)\]\S*\s+([\w-]+)\((.*)$")
+
+
+def cache_copies_in_loop(hlo_text: str, cache) -> list[str]:
+    """Instructions of a compiled token loop (the body of each ``while`` in ``hlo_text``, e.g.
+    ``jax.jit(f).lower(...).compile().as_text()``) that copy an SSM state or KV cache array, stacked
+    or one layer's, or that write a whole stacked one other than by an in-place dynamic-update-slice
+    or scatter. ``cache``: the `Cache` (or its `cache_shapes`). ``[]`` is the goal: a decode step
+    then moves each layer's state once in and once out.
+
+    Conv windows are left out: a few rows that the window's shift rewrites whole anyway.
+    """
+    leaves = [a for layer in cache.layers if layer is not None
+              for a in ((layer.ssm,) if isinstance(layer, SSMCache) else (layer.k, layer.v))]
+    key = lambda dtype, shape: (_HLO_DTYPES.get(jnp.dtype(dtype).name, jnp.dtype(dtype).name),
+                                ",".join(map(str, shape)))
+    stacked = {key(a.dtype, a.shape) for a in leaves}
+    per_layer = {key(a.dtype, a.shape[1:]) for a in leaves}
+    bodies = set(re.findall(r"body=(%[\w.-]+)", hlo_text))
+    comps: dict = {}
+    comp, listed = None, []
+    for line in hlo_text.splitlines():
+        if line and not line[0].isspace():  # a computation header (or "}")
+            comp = line.split()[1] if line.startswith("ENTRY") else line.split()[0] if line[0] == "%" else None
+            comps[comp] = {}
+            continue
+        m = _HLO_INSTR.match(line)
+        if m and comp:
+            root, name, dtype, dims, opcode, rest = m.groups()
+            comps[comp][name] = (opcode, rest)
+            if root:
+                comps[comp][None] = name
+            listed.append((comp, name, dtype, dims, opcode, rest))
+
+    def root_opcode(c):
+        name = comps.get(c, {}).get(None)
+        for _ in range(8):  # through bitcasts
+            if name is None:
+                break
+            opcode, rest = comps[c][name]
+            if opcode != "bitcast":
+                return opcode
+            ops = re.findall(r"%([\w.-]+)", rest)
+            name = ops[0] if ops else None
+        return "?"
+
+    found = []
+    for c, name, dtype, dims, opcode, rest in listed:
+        if c not in bodies:
+            continue
+        called = re.search(r"calls=(%[\w.-]+)", rest)
+        if "copy" in opcode and (dtype, dims) in stacked | per_layer:
+            found.append(f"%{name} = {dtype}[{dims}] {opcode}")
+        elif (dtype, dims) in stacked and opcode == "fusion":
+            root = root_opcode(called.group(1) if called else None)
+            if root not in ("dynamic-update-slice", "scatter"):
+                found.append(f"%{name} = {dtype}[{dims}] fusion (root {root})")
+    return found

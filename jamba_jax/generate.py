@@ -6,7 +6,7 @@ Model-level inference path (pure functions of a `LanguageModel`, usable under ``
   attention) over a right-padded prompt batch and returns each row's next-token logits and a
   `jamba_jax.cache.Cache` holding the state after each row's own last prompt token.
 * `decode_step` consumes one token per row through the single-step recurrences and updates the
-  cache in place (``dynamic_update_slice`` / scatter on the scan carry).
+  cache in place (``dynamic_update_slice`` / scatter), layers unrolled over `layer_weights`.
 
 Ragged batches: prompts are right-padded in ``input_ids`` and ``prompt_lengths`` says where each row
 ends. Causality keeps real tokens from seeing the padding after them; the SSM layers get dt = 0 on
@@ -46,9 +46,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jamba_jax.cache import Cache, check_state_dtype
+from jamba_jax.cache import Cache, check_state_dtype, stack_cache, unstack_cache
 
-__all__ = ["generate", "prefill", "decode_step", "sample", "TokenStream", "GenerationOptions", "load_model",
+__all__ = ["generate", "prefill", "decode_step", "layer_weights", "sample", "TokenStream", "GenerationOptions", "load_model",
            "register_loader", "load_tokenizer", "main"]
 
 _SSM_KINDS = ("mamba1", "mamba2")
@@ -113,43 +113,55 @@ def prefill(model, input_ids: jax.Array, prompt_lengths: jax.Array | None = None
     return logits, Cache(layers, lengths)
 
 
-def decode_step(model, tokens: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
-    """Consume one token per row: ``tokens (b,)`` at positions ``cache.lengths``.
+def layer_weights(model) -> list[list[nnx.State]]:
+    """The model's parameters layer by layer: per repetition ``r`` of the period, per block of the
+    period, the block's `nnx.State` holding entry ``r`` of each stacked array.
 
-    Returns the next-token ``logits (b, vocab)`` float32 and the cache with ``lengths + 1``, every
-    array in its own dtype (a bfloat16 SSM state is updated in float32 and stored as bfloat16). The
-    stacked cache arrays ride in the layer scan's carry and each layer updates its entry with
-    ``dynamic_update_slice`` (SSM) or a scatter of one slot per row (KV), so under ``jit`` with the
-    cache donated they are rewritten in place. A row whose length has
-    reached the KV capacity has its new key dropped: size the cache for prompt + new tokens.
+    The token loop takes them (and the cache, `unstack_cache`) apart once, before it starts, and
+    each decode step reads every layer's weights where they lie. Sliced out of the stacked arrays
+    inside the loop instead, each layer's matrices were copied before their matmul (XLA on GPU does
+    not fuse a slice into a cuBLAS operand): on an H100 that tripled the weight traffic of a batch-1
+    step. The price is one copy of the weights for the duration of the call.
     """
-    lengths = cache.lengths
-    h = _residual(model, tokens[:, None])
-    splits = [nnx.split(block) for block in model.blocks]
-    repeats = model.repeats
+    states = [nnx.state(block) for block in model.blocks]
+    return [[jax.tree.map(lambda a: a[r], state) for state in states] for r in range(model.repeats)]
 
-    def period_step(carry, xs):
-        h, layers = carry
-        period_states, r = xs
-        layers = list(layers)
-        for j, ((graphdef, _), state) in enumerate(zip(splits, period_states)):
+
+def _decode_layers(model, tokens, cache: Cache, weights) -> tuple[jax.Array, Cache]:
+    """One token through every layer, unrolled, on an unstacked cache (`unstack_cache`) with the
+    per-layer `layer_weights`. Returns ``(logits (b, vocab) float32, the unstacked cache after)``."""
+    h = _residual(model, tokens[:, None])
+    graphdefs = [nnx.graphdef(block) for block in model.blocks]
+    layers = list(cache.layers)
+    for r, period_states in enumerate(weights):
+        for j, (graphdef, state) in enumerate(zip(graphdefs, period_states)):
             block = nnx.merge(graphdef, state)
+            i = r * len(graphdefs) + j
             x = block.norm(h)
             if block.kind in _SSM_KINDS:
-                out, layers[j] = block.mixer.decode_step(x, layers[j], layer=r)
+                out, layers[i] = block.mixer.decode_step(x, layers[i])
             elif block.kind == "attention":
-                out, layers[j] = block.mixer.decode_step(x, layers[j], lengths, layer=r)
+                out, layers[i] = block.mixer.decode_step(x, layers[i], cache.lengths)
             elif block.kind == "moe":
                 out, _ = block.mixer(x)
             else:
                 out = block.mixer(x)
             h = h + out.astype(h.dtype)
-        return (h, tuple(layers)), None
-
-    xs = (tuple(state for _, state in splits), jnp.arange(repeats))
-    (h, layers), _ = jax.lax.scan(period_step, (h, cache.layers), xs)
     logits = model.logits(model.final_norm(h[:, 0])).astype(jnp.float32)
-    return logits, Cache(layers, lengths + 1)
+    return logits, Cache(tuple(layers), cache.lengths + 1)
+
+
+def decode_step(model, tokens: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+    """Consume one token per row: ``tokens (b,)`` at positions ``cache.lengths``.
+
+    Returns the next-token ``logits (b, vocab)`` float32 and the cache with ``lengths + 1``, every
+    array in its own dtype (a bfloat16 SSM state is updated in float32 and stored as bfloat16). A row
+    whose length has reached the KV capacity has its new key dropped: size the cache for prompt +
+    new tokens. (`generate`'s token loop keeps weights and cache apart by layer between steps; this
+    single step takes the stacked cache apart and puts it back together.)
+    """
+    logits, flat = _decode_layers(model, tokens, unstack_cache(cache, model.repeats), layer_weights(model))
+    return logits, stack_cache(flat, len(model.blocks))
 
 
 # ------------------------------------------------------------------------------------- sampling
@@ -249,11 +261,15 @@ def _advance(model, state: DecodeState, until, opts: GenerationOptions) -> Decod
     def cond(s):
         return (s.step < until) & ~jnp.all(s.done)
 
+    weights = layer_weights(model)  # outside the loop, weights and cache taken apart by layer
+
     def body(s):
-        logits, cache = decode_step(model, s.tokens, s.cache)
+        logits, cache = _decode_layers(model, s.tokens, s.cache, weights)
         return _emit(dataclasses.replace(s, cache=cache), logits, opts)
 
-    return jax.lax.while_loop(cond, body, state)
+    state = dataclasses.replace(state, cache=unstack_cache(state.cache, model.repeats))
+    state = jax.lax.while_loop(cond, body, state)
+    return dataclasses.replace(state, cache=stack_cache(state.cache, len(model.blocks)))
 
 
 def _assemble(input_ids, lengths, generated, opts: GenerationOptions) -> jax.Array:
