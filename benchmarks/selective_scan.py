@@ -2,6 +2,8 @@
 
     python benchmarks/selective_scan.py                  # on a GPU: check, then time
     python benchmarks/selective_scan.py --tiny           # CPU smoke test (interpret mode)
+    python benchmarks/selective_scan.py --skip-check --skip-baselines --no-variants \
+        --sweep jamba-v0.1:2:16:2,jamba-v0.1:1:16:4:2  # GpuConfig variants (see --sweep)
 
 Shapes: one Jamba-v0.1 Mamba layer (b=2, l=4096, d=8192, n=16) and one mamba-130m layer
 (b=8, l=2048, d=1536, n=16); bf16 u / delta / B / C / z, float32 A / D / delta_bias,
@@ -16,9 +18,16 @@ forward reads u, delta, B, C, z and writes y; forward + backward also reads dy a
 du, d(delta), dB, dC, dz (A, D and the bias are negligible).
 
 Before timing, the kernel is checked on the GPU against the sequential reference in float32
-(values and all gradients, segments, initial state, l not a multiple of the chunk), and at
-the benchmark shapes against ``impl="xla"``.  A log and a JSON of all numbers go to $OUT
-when it is set; the short table is printed last.
+(values and all gradients, segments, initial state, l not a multiple of the chunk), with the
+default config and with the sequence split across programs (forward 4, backward 3 splits),
+and at the benchmark shapes against ``impl="xla"``.
+
+``--sweep`` times GpuConfig variants after the main rows, each as SHAPE:SEQ_SPLITS:D_BLOCK
+[:UNROLL[:BWD_SEQ_SPLITS]] (SHAPE: a name or an index into the shape list; the other fields
+of the config are the first forward / backward variant's): the forward alone, and with a
+fifth field forward + backward as well.  ``--shapes none`` skips the main rows.
+
+A log and a JSON of all numbers go to $OUT when it is set; the short table is printed last.
 """
 from __future__ import annotations
 
@@ -39,7 +48,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pallas_kernels.selective_scan import selective_scan_reference, selective_scan_xla  # noqa: E402
-from pallas_kernels.selective_scan.pallas_gpu import GpuConfig, selective_scan_pallas_gpu  # noqa: E402
+from pallas_kernels.selective_scan.pallas_gpu import (  # noqa: E402
+    GpuConfig,
+    default_seq_splits,
+    selective_scan_pallas_gpu,
+)
 
 SHAPES = {"jamba-v0.1": (2, 4096, 8192, 16), "mamba-130m": (8, 2048, 1536, 16)}
 TINY_SHAPES = {"tiny": (2, 70, 64, 16)}
@@ -126,9 +139,12 @@ def gpu_cfg(fv, bv):
                      bwd_d_block=bv[0], bwd_num_warps=bv[1], chunk=bv[2], sub_chunk=bv[3])
 
 
-def check_small(interpret):
+SPLIT_CHECK = dict(seq_splits=4, bwd_seq_splits=3)    # l = 203: 12 chunks of 16 + 11
+
+
+def check_small(interpret, config=None):
     """float32 on the device vs the sequential reference: values and every gradient."""
-    b, l, d, n = 2, 203, 64, 16          # 203 = 3 chunks of 64 + 11 (tail: 1 sub-chunk + 3)
+    b, l, d, n = 2, 203, 64, 16          # 203 = 12 chunks of 16 + 11 (tail: 2 sub-chunks + 3)
     x = make_inputs(1, b, l, d, n, jnp.float32)
     x["initial_state"] = jnp.asarray(np.random.default_rng(2).standard_normal((b, d, n)), jnp.float32)
     seg = np.zeros((b, l), np.int32)
@@ -144,7 +160,7 @@ def check_small(interpret):
             return y, s, vjp((dy, ds))[0]
         return jax.jit(f)(x)
 
-    ours = functools.partial(selective_scan_pallas_gpu, interpret=interpret)
+    ours = functools.partial(selective_scan_pallas_gpu, interpret=interpret, config=config)
     y, s, g = run(ours)
     y0, s0, g0 = run(selective_scan_reference)
     errs = {"y": rel(y, y0), "final_state": rel(s, s0), **{"d" + k: rel(g[k], g0[k]) for k in x}}
@@ -166,13 +182,20 @@ def main():
     p.add_argument("--bwd-variants", default=None, help="';'-separated backward variants")
     p.add_argument("--skip-baselines", action="store_true", help="time only the Pallas kernel")
     p.add_argument("--skip-check", action="store_true", help="skip the float32 reference check")
+    p.add_argument("--sweep", default="",
+                   help="GpuConfig variants timed after the main rows, comma-separated "
+                        "SHAPE:SEQ_SPLITS:D_BLOCK[:UNROLL[:BWD_SEQ_SPLITS]]; with the fifth "
+                        "field also forward + backward (e.g. 'jamba-v0.1:2:16:2,0:1:16:4:2'); "
+                        "--shapes none times only the sweep")
     args = p.parse_args()
     start = time.time()
     out_dir = os.environ.get("OUT")
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
     interpret = args.tiny
-    shapes = TINY_SHAPES if args.tiny else SHAPES
+    shapes = all_shapes = TINY_SHAPES if args.tiny else SHAPES
+    if args.tiny and not args.sweep:   # smoke-test the sweep too: splits, d_block, unroll
+        args.sweep = "tiny:2:16:2:4,0:4:8"
     if args.shapes:
         shapes = {k: v for k, v in shapes.items() if k in args.shapes.split(",")}
     fwd_variants = FWD_VARIANTS[:1] if args.no_variants or args.tiny else FWD_VARIANTS
@@ -198,13 +221,17 @@ def main():
 
     try:
         if not args.skip_check:
-            t = time.time()
-            errs = check_small(interpret)
-            results["checks"]["float32_vs_reference"] = errs
-            worst = max(errs.values())
-            log(f"check float32 vs reference (b=2 l=203 d=64 n=16, segments, initial state): "
-                f"worst rel err {worst:.2e} {'OK' if worst < 1e-4 else 'FAIL'} ({time.time() - t:.0f}s)")
-            log("  " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+            for key, cfg in (("float32_vs_reference", None),
+                             ("float32_vs_reference_splits", GpuConfig(**SPLIT_CHECK))):
+                t = time.time()
+                errs = check_small(interpret, cfg)
+                results["checks"][key] = errs
+                worst = max(errs.values())
+                splits = default_seq_splits(2, 203, 64, 1, cfg)
+                log(f"check float32 vs reference (b=2 l=203 d=64 n=16, segments, initial state, "
+                    f"seq splits fwd/bwd {splits[0]}/{splits[1]}): worst rel err {worst:.2e} "
+                    f"{'OK' if worst < 1e-4 else 'FAIL'} ({time.time() - t:.0f}s)")
+                log("  " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
 
         for name, (b, l, d, n) in shapes.items():
             x = make_inputs(7, b, l, d, n, jnp.bfloat16)
@@ -258,10 +285,12 @@ def main():
                 if i and time.time() - start > args.budget:
                     log(f"(budget) skipping forward variant {fv}")
                     continue
+                cfg = gpu_cfg(fv, bwd_variants[0])
                 impl = functools.partial(selective_scan_pallas_gpu, interpret=interpret,
-                                         config=gpu_cfg(fv, bwd_variants[0]))
+                                         config=cfg)
                 pf = (",pf" if fv[3] else "") + (",pf_bc" if len(fv) > 4 and fv[4] else "")
-                label = f"pallas fwd(db={fv[0]},w={fv[1]},u={fv[2]}{pf})"
+                S = default_seq_splits(b, l, d, 1, cfg)[0]
+                label = f"pallas fwd(db={fv[0]},w={fv[1]},u={fv[2]}{pf},S={S})"
                 before = len(rows)
                 record(label, "fwd", fwd_fn(impl), (x,), args.inner)
                 if len(rows) > before and (best is None or rows[-1]["ms"] < best):
@@ -271,9 +300,11 @@ def main():
                 if i and time.time() - start > args.budget:
                     log(f"(budget) skipping backward variant {bv}")
                     continue
+                cfg = gpu_cfg(best_fv, bv)
                 impl = functools.partial(selective_scan_pallas_gpu, interpret=interpret,
-                                         config=gpu_cfg(best_fv, bv))
-                label = f"pallas bwd(db={bv[0]},w={bv[1]},K={bv[2]}/{bv[3]})"
+                                         config=cfg)
+                S, SB = default_seq_splits(b, l, d, 1, cfg)
+                label = f"pallas bwd(db={bv[0]},w={bv[1]},K={bv[2]}/{bv[3]},S={SB};fwd S={S})"
                 before = len(rows)
                 record(label, "fwd+bwd", fwd_bwd_fn(impl), (x, dy), args.inner)
                 if len(rows) > before and (best_b is None or rows[-1]["ms"] < best_b):
@@ -281,11 +312,91 @@ def main():
             # later shapes: only the fastest variants
             fwd_variants, bwd_variants = [best_fv], [best_bv]
             del x, dy, ref_out
+
+        sweep(args, all_shapes, fwd_variants[0], bwd_variants[0], interpret, start, rows, save)
+        if args.tiny:
+            t = time.time()
+            kernels = lower_check([None, GpuConfig(seq_splits=4, bwd_seq_splits=4)])
+            results["checks"]["cuda_lowering_jamba"] = kernels
+            log(f"cross-lowered forward + backward for CUDA at jamba-v0.1 (Triton kernels per "
+                f"module): {kernels} ({time.time() - t:.0f}s)")
     finally:
         results["elapsed_s"] = time.time() - start
         save()
         summary(rows)
         save()
+
+
+def lower_check(configs):
+    """Cross-lower forward + backward at the Jamba-v0.1 shape for CUDA (the Triton lowering of
+    every kernel runs; no GPU needed).  Returns {label: Triton kernels in the module}."""
+    b, l, d, n = SHAPES["jamba-v0.1"]
+    T, bf, f32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.float32
+    x = dict(u=T((b, l, d), bf), delta=T((b, l, d), bf), A=T((d, n), f32), B=T((b, l, n), bf),
+             C=T((b, l, n), bf), D=T((d,), f32), z=T((b, l, d), bf), delta_bias=T((d,), f32))
+    out = {}
+    for cfg in configs:
+        impl = functools.partial(selective_scan_pallas_gpu, config=cfg)
+        S, SB = default_seq_splits(b, l, d, 1, cfg)
+        text = fwd_bwd_fn(impl).trace(x, T((b, l, d), bf)).lower(
+            lowering_platforms=("cuda",)).as_text()
+        out[f"seq splits fwd/bwd {S}/{SB}"] = text.count("__gpu$xla.gpu.triton")
+    return out
+
+
+def sweep(args, shapes, fv, bv, interpret, start, rows, save):
+    """--sweep: GpuConfig variants (sequence splits, d_block, unroll), forward and optionally
+    forward + backward, on top of the given forward / backward variant.  Each output is
+    compared with the first sweep item's of the same shape and mode (``err_vs_first``)."""
+    import dataclasses
+    names = list(shapes)
+    inputs, first = {}, {}
+    for item in filter(None, args.sweep.split(",")):
+        if time.time() - start > args.budget:
+            log(f"(budget) skipping sweep {item}")
+            continue
+        fields = item.split(":")
+        name = names[int(fields[0])] if fields[0].isdigit() else fields[0]
+        if name not in shapes:
+            log(f"sweep {item}: unknown shape {name!r} (have {names})")
+            continue
+        splits, d_block = int(fields[1]), int(fields[2])
+        unroll = int(fields[3]) if len(fields) > 3 else fv[2]
+        bwd_splits = int(fields[4]) if len(fields) > 4 else None
+        b, l, d, n = shapes[name]
+        cfg = dataclasses.replace(gpu_cfg(fv, bv), seq_splits=splits, fwd_d_block=d_block,
+                                  unroll=unroll, bwd_seq_splits=bwd_splits)
+        S, SB = default_seq_splits(b, l, d, 1, cfg)
+        if name not in inputs:
+            inputs.clear()
+            inputs[name] = (make_inputs(7, b, l, d, n, jnp.bfloat16),
+                            jnp.asarray(np.random.default_rng(8).standard_normal((b, l, d)),
+                                        jnp.bfloat16))
+        x, dy = inputs[name]
+        impl = functools.partial(selective_scan_pallas_gpu, interpret=interpret, config=cfg)
+        modes = [("fwd", fwd_fn(impl), (x,))]
+        if bwd_splits is not None:
+            modes.append(("fwd+bwd", fwd_bwd_fn(impl), (x, dy)))
+        label = f"pallas sweep(db={d_block},u={unroll},S={S}" + (
+            f",bwd S={SB})" if bwd_splits is not None else ")")
+        for mode, fn, fargs in modes:
+            t0 = time.time()
+            try:
+                sec, out = timeit(fn, fargs, args.reps, args.inner)
+            except Exception as e:  # keep going: a failed variant must not lose the rest
+                log(f"sweep {item} {mode}: FAILED {type(e).__name__}: {str(e)[:2000]}")
+                traceback.print_exc()
+                continue
+            leaves = [out[0]] + ([out[1][k] for k in sorted(out[1])] if mode == "fwd+bwd" else [])
+            base = first.setdefault((name, mode), leaves)
+            err = max(rel(a, r) for a, r in zip(leaves, base))
+            floor = floor_seconds(b, l, d, n, 2, args.bandwidth, mode == "fwd+bwd")
+            rows.append(dict(shape=name, mode=mode, impl=label, ms=sec * 1e3,
+                             floor_ms=floor * 1e3, sweep=item, err_vs_first=err))
+            log(f"[{time.time() - start:6.1f}s] sweep {name} {mode:8s} {label:36s} "
+                f"{sec * 1e3:9.3f} ms  floor {floor * 1e3:.3f} ms  err_vs_first {err:.1e}  "
+                f"({time.time() - t0:.0f}s)")
+            save()
 
 
 def summary(rows):

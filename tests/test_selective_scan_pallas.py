@@ -116,6 +116,134 @@ def test_bf16_values_and_grads(backend):
         assert rel_l2(g16[name].astype(jnp.float32), g32[name]) < 1e-2, name
 
 
+# --------------------------------------------------------------------------- sequence splits
+# GPU kernels with the sequence split across programs (GpuConfig.seq_splits / bwd_seq_splits):
+# chunk 8 and l = 69 = 8 chunks + a tail of 5 (taken by the last split).  S = 2 splits at 32,
+# S = 4 at 16, 32, 48.  Row 0 resets at 5 (inside split 0), 32 (on a split's first step) and
+# 66 (in the tail): every carry across a split is cut; row 1 resets only at 40, so its
+# segments (and initial_state) run across split boundaries and the chains carry real decays.
+SPLIT_L = 69
+SPLIT_CASES = {
+    # name: (GpuConfig, make_inputs kwargs, optional inputs, delta_softplus, segments)
+    "fwd2_bwd4_all_options": (
+        GpuConfig(fwd_d_block=4, unroll=2, bwd_d_block=4, chunk=8, sub_chunk=2,
+                  seq_splits=2, bwd_seq_splits=4),
+        dict(b=2, l=SPLIT_L, d=16, n=4, groups=2),
+        ("D", "z", "delta_bias", "initial_state"), True, True),
+    # S = 4 forward (no B / C prefetch) with an unsplit backward (it restarts from the
+    # checkpoints the split forward stored), odd n (padded), plain delta
+    "fwd4_bwd1_plain_delta": (
+        GpuConfig(fwd_d_block=4, unroll=4, prefetch_bc=False, bwd_d_block=8, chunk=8,
+                  sub_chunk=4, seq_splits=4, bwd_seq_splits=1),
+        dict(b=2, l=SPLIT_L, d=8, n=3),
+        ("D", "z", "initial_state"), False, True),
+    # no segments and no initial state (the first split starts from zeros), S = 4 both ways;
+    # l = 37 = 4 chunks + 5: one chunk per split
+    "fwd4_bwd4_no_segments": (
+        GpuConfig(fwd_d_block=8, unroll=2, bwd_d_block=8, chunk=8, sub_chunk=2,
+                  seq_splits=4, bwd_seq_splits=4),
+        dict(b=1, l=37, d=8, n=4),
+        ("delta_bias",), True, False),
+}
+
+
+def _split_segments(b, l):
+    ids = np.zeros((b, l), np.int32)
+    for t in (5, 32, 66):
+        ids[0, t:] += 1
+    ids[1:, 40:] += 1
+    return jnp.asarray(ids)
+
+
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+def test_gpu_sequence_splits_match_reference(case):
+    """float32 values, final state and the gradient of every input, vs the sequential scan."""
+    cfg, kwargs, optional, softplus, with_segments = SPLIT_CASES[case]
+    x = make_inputs(31, **kwargs)
+    names = ("u", "delta", "A", "B", "C", *optional)
+    args = {k: x[k] for k in names}
+    b, l = x["u"].shape[:2]
+    seg = _split_segments(b, l) if with_segments else None
+    rng = np.random.default_rng(32)
+    cotangents = tuple(
+        jnp.asarray(rng.standard_normal(x[k].shape), jnp.float32) for k in ("u", "initial_state"))
+    fn = functools.partial(selective_scan_pallas_gpu, interpret=True, config=cfg)
+
+    (y_ref, s_ref), g_ref = _values_and_grads(
+        selective_scan_reference, args, softplus, seg, cotangents)
+    (y, s), g = _values_and_grads(fn, args, softplus, seg, cotangents)
+    assert rel_l2(y, y_ref) < 1e-5
+    assert rel_l2(s, s_ref) < 1e-5
+    for name in names:
+        assert g[name].shape == args[name].shape and g[name].dtype == args[name].dtype, name
+        assert rel_l2(g[name], g_ref[name]) < 1e-5, name
+
+
+def test_gpu_sequence_splits_bf16():
+    """bf16 in and out with S = 2 forward / S = 4 backward, segments, every option."""
+    cfg = GpuConfig(fwd_d_block=8, unroll=2, bwd_d_block=8, chunk=8, sub_chunk=4,
+                    seq_splits=2, bwd_seq_splits=4)
+    x16 = make_inputs(33, b=2, l=SPLIT_L, d=8, n=4, dtype=jnp.bfloat16)
+    x32 = {k: v.astype(jnp.float32) for k, v in x16.items()}
+    seg = _split_segments(2, SPLIT_L)
+    dy = jnp.asarray(np.random.default_rng(34).standard_normal((2, SPLIT_L, 8)), jnp.float32)
+    ds = jnp.asarray(np.random.default_rng(35).standard_normal((2, 8, 4)), jnp.float32)
+
+    def run(fn, x, cot_dtype):
+        @jax.jit
+        def go(x):
+            (y, s), vjp = jax.vjp(lambda a: fn(**a, delta_softplus=True, segment_ids=seg), x)
+            return y, s, vjp((dy.astype(cot_dtype), ds))[0]
+        return go(x)
+
+    fn = functools.partial(selective_scan_pallas_gpu, interpret=True, config=cfg)
+    y16, s16, g16 = run(fn, x16, jnp.bfloat16)
+    y32, s32, g32 = run(selective_scan_reference, x32, jnp.float32)
+    assert y16.dtype == jnp.bfloat16 and s16.dtype == jnp.float32
+    assert rel_l2(y16.astype(jnp.float32), y32) < 1e-2
+    assert rel_l2(s16, s32) < 1e-5
+    for name in x16:
+        assert g16[name].dtype == jnp.bfloat16, name
+        assert rel_l2(g16[name].astype(jnp.float32), g32[name]) < 1e-2, name
+
+
+@pytest.mark.parametrize("splits", [(2, 2), (4, 3), (1, 1)])
+def test_gpu_split_kernels_lower_for_cuda(splits):
+    """The Triton lowering (run on the CPU by lowering for "cuda") accepts every kernel of
+    the differentiated call: splits of one and several programs, a tail, all options.
+    The interpreter does not exercise it (e.g. a cond on a constant fails only here)."""
+    b, l, d, n = 2, 203, 64, 16                      # 12 chunks of 16 + a tail of 11
+    T, f32 = jax.ShapeDtypeStruct, jnp.float32
+    x = dict(u=T((b, l, d), jnp.bfloat16), delta=T((b, l, d), jnp.bfloat16), A=T((d, n), f32),
+             B=T((b, l, n), f32), C=T((b, l, n), f32), D=T((d,), f32),
+             z=T((b, l, d), jnp.bfloat16), delta_bias=T((d,), f32), initial_state=T((b, d, n), f32))
+    cfg = GpuConfig(seq_splits=splits[0], bwd_seq_splits=splits[1])
+
+    def f(x, seg, dy):
+        (y, s), vjp = jax.vjp(lambda a: selective_scan_pallas_gpu(
+            **a, delta_softplus=True, segment_ids=seg, config=cfg), x)
+        return vjp((dy, s))[0]
+
+    text = jax.jit(f).trace(x, T((b, l), jnp.int32), T((b, l, d), jnp.bfloat16)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    kernels = 2 + (splits[0] > 1) + (splits[1] > 1)   # + the split-state kernels
+    assert text.count("__gpu$xla.gpu.triton") == kernels
+
+
+def test_gpu_split_counts():
+    """Requested splits round down to a divisor of l // chunk; the heuristic keeps the
+    benchmark shapes unsplit at the default config and splits small grids."""
+    from pallas_kernels.selective_scan.pallas_gpu import default_seq_splits, effective_splits
+    assert [effective_splits(r, 8) for r in (1, 2, 3, 4, 5, 8, 64)] == [1, 2, 2, 4, 4, 8, 8]
+    assert effective_splits(4, 0) == 1 and effective_splits(4, 9) == 3
+    cfg = GpuConfig(chunk=8, seq_splits=4, bwd_seq_splits=3)
+    assert default_seq_splits(2, SPLIT_L, 16, 2, cfg) == (4, 2)
+    assert default_seq_splits(2, 4096, 8192) == (1, 1)      # Jamba-v0.1: 1024 warps
+    assert default_seq_splits(8, 2048, 1536) == (1, 1)      # mamba-130m: 768 warps
+    assert default_seq_splits(1, 4096, 8192) == (2, 2)      # 512 warps
+    assert default_seq_splits(1, 100, 8) == (1, 1)          # too short: < 8 chunks per split
+
+
 def test_public_api_dispatch():
     """impl="pallas" with interpret=True on CPU is the GPU kernel; without, a clear error."""
     x = make_inputs(15, l=10, groups=2)

@@ -11,8 +11,10 @@ two kernels to Mosaic GPU (``plgpu.kernel``) is the way forward when it is remov
 
 Layout (channels last, like the public API):
 
-* grid = (batch, d // d_block); a program (one warp) owns d_block channels of one batch row
-  and keeps their (n, d_block) float32 state in registers for the whole sequence;
+* grid = (batch * S, d // d_block); a program (one warp) owns d_block channels of one batch
+  row and keeps their (n, d_block) float32 state in registers while it walks its part of the
+  sequence: all of it (S = 1), or one of S splits (``seq_splits``, see "sequence splits"
+  below: a small kernel and an XLA chain first give each split its entering state);
 * per step it loads one row u[t], delta[t], z[t] (d_block values) and B[t], C[t] (n values,
   read as float32: they are small), and stores one row of y.  Steps run in unrolled groups
   (``unroll``); the next group's loads are issued before this group's compute and carried
@@ -20,7 +22,8 @@ Layout (channels last, like the public API):
   loads (a store may alias a later load as far as the compiler knows).  The scan is bound
   by memory latency, not bandwidth or arithmetic: on an H100 prefetching B / C as well cut
   the Jamba-layer forward from 2.44 to 1.44 ms (BENCHMARKS.md);
-* exp(delta A) is computed as exp2((delta log2 e) A), one MUFU op per state element;
+* exp(delta A) is computed as exp2(delta * A2), A2 = A log2(e) scaled once in XLA: one MUFU
+  op (ex2.approx.ftz) and one multiply per state element, nothing else;
 * 2-D blocks (A, checkpoints, initial state, d final) are assembled from n one-row loads:
   a vectorised 2-D load would make Triton split n over 8 threads for the whole kernel and
   repeat each step's per-channel work (softplus, gate) 8 times; from rows, the state keeps
@@ -37,8 +40,12 @@ unrolled Python list (static indices: registers), and runs the adjoint steps bac
 them.  Each adjoint step produces du, d(delta), dz directly, and per-step partial sums of
 dB / dC over the program's channels (reduced across channel blocks in XLA afterwards);
 dA, dD, d(delta_bias) accumulate in registers and the gradient of the initial state is the
-adjoint carry left after step 0.  The defaults (d_block 16, chunk 16, sub_chunk 4) are the
-largest that compile without register spills (checked with ptxas for sm_90a).
+adjoint carry left after step 0.  With ``bwd_seq_splits`` S > 1 each program takes the chunks
+of one split, starting from the adjoint carry leaving it (a reverse split-state kernel and
+XLA chain), and dA, dD, d(delta_bias) are summed over splits in XLA.  The defaults
+(d_block 16, chunk 16, sub_chunk 4) are the largest that compile without register spills
+(checked with ptxas for sm_90a; split backward kernels spill 16 bytes outside the inner
+loops).
 """
 from __future__ import annotations
 
@@ -52,6 +59,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from .pallas_common import (
+    LN2,
     LOG2E,
     f32,
     gate_and_grad,
@@ -68,7 +76,7 @@ from .pallas_common import (
 
 @dataclasses.dataclass(frozen=True)
 class GpuConfig:
-    """Block sizes of the GPU kernels (powers of two).
+    """Block sizes of the GPU kernels (powers of two) and sequence splits.
 
     fwd_d_block / fwd_num_warps / unroll: forward channels per program, warps, steps per
       unrolled group.  prefetch: load the next group's per-channel rows (u, delta, z) while
@@ -76,6 +84,9 @@ class GpuConfig:
     bwd_d_block / bwd_num_warps: same for the backward.
     chunk: steps between stored checkpoints (forward under differentiation; backward chunk).
     sub_chunk: steps whose states the backward keeps in registers at once (divides chunk).
+    seq_splits / bwd_seq_splits: programs along the sequence in the forward / the backward
+      (any positive int; the kernels use the largest divisor of l // chunk not above it).
+      None picks them with ``default_seq_splits``.
     """
     fwd_d_block: int = 16
     fwd_num_warps: int = 1
@@ -86,6 +97,8 @@ class GpuConfig:
     bwd_num_warps: int = 1
     chunk: int = 16
     sub_chunk: int = 4
+    seq_splits: int | None = None
+    bwd_seq_splits: int | None = None
 
     def __post_init__(self):
         for name in ("fwd_d_block", "fwd_num_warps", "unroll", "bwd_d_block", "bwd_num_warps",
@@ -95,9 +108,91 @@ class GpuConfig:
                 raise ValueError(f"GpuConfig.{name} must be a power of two, found {v}")
         if self.chunk % self.sub_chunk:
             raise ValueError("GpuConfig.sub_chunk must divide chunk")
+        for name in ("seq_splits", "bwd_seq_splits"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"GpuConfig.{name} must be None or >= 1, found {v}")
 
 
 DEFAULT_CONFIG = GpuConfig()
+
+# --------------------------------------------------------------------------- sequence splits
+# A program walks the whole sequence, so the grid has only b * d / d_block one-warp programs
+# (Jamba-v0.1: 1024, mamba-130m: 768, on an H100's 132 SMs) and the walk's latency sets the
+# time.  With S splits, each program walks l / S steps: a first kernel computes, for every
+# split but the last, the state its steps produce from a zero start (no y) and the sum of its
+# delta; an XLA chain over the splits turns those into the state entering every split (the
+# state crossing split s is multiplied by exp(A * sum of delta over s), or by 0 where a
+# segment starts inside s); the usual forward then runs all splits in parallel.  The backward
+# does the same for its adjoint carry, walking backwards (splits 1 .. S-1, reverse chain).
+# Splits are whole checkpoint chunks (S divides l // chunk); the last split also takes the
+# l % chunk tail steps.
+#
+# Heuristic (``default_seq_splits``): double S while the doubled grid still fits in the warps
+# the SMs keep resident at the kernel's register use, keeping >= 8 chunks per split.  A second
+# wave of programs would cost a whole l / S walk, about what the split saved.  Registers per
+# thread (ptxas, sm_90a, n = 16, one warp per program), hence resident warps per SM:
+#   forward  d_block 16, unroll 4, B / C prefetch (default): 211 -> 9
+#            d_block 16, unroll 2: 125 -> 16;   without B / C prefetch: 128 -> 16
+#            d_block 8: 126 -> 16;   d_block 32, unroll 2: 214 -> 9 (unroll 4 spills)
+#   backward d_block 16, chunk 16 / sub_chunk 4: 255 -> 8
+#   split-state kernels: 126 (forward), 128 (backward)
+# So at the defaults Jamba-v0.1 (1024 warps) and mamba-130m (768) stay unsplit in both
+# directions (9 x 132 = 1188 and 8 x 132 = 1056 resident), while e.g. b = 1 or unroll 2 split.
+_FWD_REGISTERS = {(16, 4, True): 211, (16, 2, True): 125, (16, 4, False): 128,
+                  (8, 4, True): 126, (32, 2, True): 214}
+_BWD_REGISTERS = 255
+MIN_CHUNKS_PER_SPLIT = 8
+
+
+def _num_sms() -> int:
+    try:
+        dev = jax.local_devices(backend="gpu")[0]
+        return int(getattr(dev, "core_count", 132) or 132)
+    except RuntimeError:
+        return 132
+
+
+def _resident_warps_per_sm(registers: int) -> int:
+    """65536 registers per SM, allocated per warp in multiples of 8 per thread; at most 32
+    blocks (here: one-warp programs) per SM."""
+    return min(32, 65536 // (32 * (-(-registers // 8) * 8)))
+
+
+def _auto_splits(warps: int, chunks: int, resident: int) -> int:
+    S = 1
+    while (warps * 2 * S <= resident and chunks % (2 * S) == 0
+           and chunks // (2 * S) >= MIN_CHUNKS_PER_SPLIT):
+        S *= 2
+    return S
+
+
+def effective_splits(requested: int, chunks: int) -> int:
+    """The largest divisor of ``chunks`` (full checkpoint chunks) not above ``requested``."""
+    S = max(1, min(requested, chunks))
+    while chunks % S:
+        S -= 1
+    return S
+
+
+def default_seq_splits(b: int, l: int, d: int, g: int = 1, config: GpuConfig | None = None):
+    """(forward, backward) sequence splits used for a call (the config's, or the heuristic
+    above when None), after rounding to a divisor of l // chunk."""
+    cfg = config or DEFAULT_CONFIG
+    chunks = l // cfg.chunk
+    sms = _num_sms()
+    fwd_block = largest_pow2_divisor(d // g, cfg.fwd_d_block)
+    fwd_regs = _FWD_REGISTERS.get((fwd_block, cfg.unroll, cfg.prefetch_bc), 255)
+    out = []
+    for req, block, warps, regs in (
+            (cfg.seq_splits, fwd_block, cfg.fwd_num_warps, fwd_regs),
+            (cfg.bwd_seq_splits, largest_pow2_divisor(d // g, cfg.bwd_d_block),
+             cfg.bwd_num_warps, _BWD_REGISTERS)):
+        if req is None:
+            req = _auto_splits(b * (d // block) * warps, chunks,
+                               _resident_warps_per_sm(regs) * sms)
+        out.append(effective_splits(req, chunks))
+    return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,8 +211,19 @@ class _Static:
     has_keep: bool
     fwd_block: int
     bwd_block: int
+    fwd_splits: int
+    bwd_splits: int
     cfg: GpuConfig
     interpret: bool
+
+    @property
+    def chunks(self) -> int:
+        """Full checkpoint chunks; the l % chunk tail steps belong to the last split."""
+        return self.l // self.cfg.chunk
+
+    def split_len(self, S: int) -> int:
+        """Steps of a split, the last split's tail excluded."""
+        return self.chunks // S * self.cfg.chunk
 
 
 def _params(num_warps):
@@ -125,20 +231,41 @@ def _params(num_warps):
 
 
 # --------------------------------------------------------------------------- block specs
-def _specs(st: _Static, db: int):
-    """BlockSpecs for grid (b, d // db); B / C read the group of the program's channels."""
+def _grid(b: int, nblk: int, splits: int):
+    """(b * splits, d // d_block): program (i, j) owns channel block j of batch row
+    i // splits and split i % splits.  Splits share the batch axis rather than adding a third
+    one: at 255 registers the backward is on the edge, and ptxas spilled inside its hot loops
+    with a 3-D grid (S = 4, 8) but not with this one (S = 1 compiles exactly as before)."""
+    return (b * splits, nblk)
+
+
+def _split_id(splits: int):
+    """The program's index along the sequence (0 with one split)."""
+    return lax.rem(pl.program_id(0), splits) if splits > 1 else 0
+
+
+def _specs(st: _Static, db: int, splits: int):
+    """BlockSpecs for a ``_grid`` of ``splits`` splits; B / C read the group of the program's
+    channels.  Per-position arrays are passed whole along l: a program indexes its split's
+    rows itself (the last split's tail makes splits unequal)."""
     l, n = st.l, st.n
     blocks_per_group = (st.d // st.g) // db
+    S = splits
+    row = (lambda i: i) if S == 1 else (lambda i: lax.div(i, S))
+    sid = (lambda i: 0) if S == 1 else (lambda i: lax.rem(i, S))
     return dict(
-        bld=pl.BlockSpec((None, l, db), lambda i, j: (i, 0, j)),
+        bld=pl.BlockSpec((None, l, db), lambda i, j: (row(i), 0, j)),
         nd=pl.BlockSpec((n, db), lambda i, j: (0, j)),
-        blgn=pl.BlockSpec((None, l, None, n), lambda i, j: (i, 0, lax.div(j, blocks_per_group), 0)),
+        blgn=pl.BlockSpec((None, l, None, n),
+                          lambda i, j: (row(i), 0, lax.div(j, blocks_per_group), 0)),
         d=pl.BlockSpec((db,), lambda i, j: (j,)),
-        bnd=pl.BlockSpec((None, n, db), lambda i, j: (i, 0, j)),
-        bl=pl.BlockSpec((None, l), lambda i, j: (i, 0)),
-        bd=pl.BlockSpec((None, db), lambda i, j: (i, j)),
-        ckpt=pl.BlockSpec((None, pl.cdiv(l, st.cfg.chunk), n, db), lambda i, j: (i, 0, 0, j)),
-        part=pl.BlockSpec((None, None, l, n), lambda i, j: (i, j, 0, 0)),
+        bnd=pl.BlockSpec((None, n, db), lambda i, j: (row(i), 0, j)),
+        bl=pl.BlockSpec((None, l), lambda i, j: (row(i), 0)),
+        bsnd=pl.BlockSpec((None, None, n, db), lambda i, j: (row(i), sid(i), 0, j)),  # per split
+        bsd=pl.BlockSpec((None, None, db), lambda i, j: (row(i), sid(i), j)),
+        ckpt=pl.BlockSpec((None, pl.cdiv(l, st.cfg.chunk), n, db),
+                          lambda i, j: (row(i), 0, 0, j)),
+        part=pl.BlockSpec((None, None, l, n), lambda i, j: (row(i), j, 0, 0)),
     )
 
 
@@ -158,105 +285,221 @@ def _load_rows(ref, n, db, *prefix):
     return out
 
 
-# --------------------------------------------------------------------------- forward
-def _fwd_kernel(st: _Static, save: bool, *refs):
-    it = iter(refs)
-    u_ref, dt_ref, A_ref, B_ref, C_ref = (next(it) for _ in range(5))
-    D_ref, z_ref, bias_ref, h0_ref, keep_ref = (
-        _take(it, f) for f in (st.has_D, st.has_z, st.has_bias, st.has_h0, st.has_keep))
-    y_ref, final_ref = next(it), next(it)
-    ck_ref = _take(it, save)
+def _walk(t0, count, carry, load, body, unroll, prefetch, reverse=False):
+    """``count`` (static) steps from t0 in unrolled groups of ``unroll``: ``body(ts, k, vals,
+    carry)`` runs the k steps ts .. ts+k-1 (``vals``: their loads, ``load(t)`` each).  With
+    ``prefetch`` the next group's loads are issued before this group's compute and carried in
+    registers.  ``reverse``: groups from the end (the body walks its steps backwards too),
+    the count % unroll remainder, at t0, last."""
+    U = unroll
+    groups, rem = divmod(count, U)
+    if reverse:
+        first, rem_t = (lambda i: t0 + count - (i + 1) * U), t0
+    else:
+        first, rem_t = (lambda i: t0 + i * U), t0 + groups * U
+    loads = lambda ts, k: [load(ts + j) for j in range(k)]
+    if groups and prefetch:
+        def group(i, c):
+            carry, cur = c
+            nxt = loads(first(i + 1), U)
+            return body(first(i), U, cur, carry), nxt
+        carry, _ = lax.fori_loop(0, groups, group, (carry, loads(first(0), U)))
+    elif groups:
+        carry = lax.fori_loop(0, groups, lambda i, c: body(first(i), U, loads(first(i), U), c),
+                              carry)
+    if rem:
+        carry = body(rem_t, rem, loads(rem_t, rem), carry)
+    return carry
 
-    n, db, K1, U = st.n, st.fwd_block, st.cfg.chunk, st.cfg.unroll
-    A = _load_rows(A_ref, n, db)
-    Dv = D_ref[...].astype(f32) if st.has_D else None
+
+def _when_last(s, S, f, carry):
+    """f(carry) in the last split (s == S - 1), else carry.  s is a Python int when the grid
+    has a single split (the Triton lowering takes no cond on a constant)."""
+    if isinstance(s, int):
+        return f(carry) if s == S - 1 else carry
+    return lax.cond(s == S - 1, f, lambda c: c, carry)
+
+
+def _delta(pre, bias, st: _Static):
+    """float32 delta of a step from the stored row: softplus(delta + bias), each optional."""
+    pre = pre.astype(f32)
+    if bias is not None:
+        pre = pre + bias
+    return pre, (softplus(pre) if st.softplus else pre)
+
+
+# --------------------------------------------------------------------------- forward
+def _fwd_has_init(st: _Static) -> bool:
+    return st.has_h0 or st.fwd_splits > 1
+
+
+def _fwd_kernel(st: _Static, save: bool, local: bool, *refs):
+    """The forward over the program's split from the state entering it; or, with ``local``,
+    the zero-start state of split s (< S-1) and the sum of its delta, without y."""
+    it = iter(refs)
+    u_ref, dt_ref, A_ref, B_ref = (next(it) for _ in range(4))
+    C_ref = _take(it, not local)
+    D_ref = _take(it, st.has_D and not local)
+    z_ref = _take(it, st.has_z and not local)
+    bias_ref = _take(it, st.has_bias)
+    h0_ref = _take(it, _fwd_has_init(st) and not local)
+    keep_ref = _take(it, st.has_keep)
+    if local:
+        loc_ref, dls_ref = next(it), next(it)
+    else:
+        y_ref, final_ref = next(it), next(it)
+        ck_ref = _take(it, save)
+
+    n, db, K1, S = st.n, st.fwd_block, st.cfg.chunk, st.fwd_splits
+    Ls, cps = st.split_len(S), st.chunks // S
+    s = _split_id(S - 1 if local else S)
+    A2 = _load_rows(A_ref, n, db)                     # A log2(e), scaled once in XLA
+    Dv = D_ref[...].astype(f32) if D_ref is not None else None
     bias = bias_ref[...].astype(f32) if st.has_bias else None
+    pf_bc = st.cfg.prefetch_bc
+
+    def load_bc(t):
+        return B_ref[t, :], (None if local else C_ref[t, :])
 
     def load(t):
         """Step t's per-channel inputs, as stored (t past the end is clamped: prefetch
         overrun); with prefetch_bc also B[t], C[t]."""
         t = jnp.minimum(t, st.l - 1)
-        bc = (B_ref[t, :], C_ref[t, :]) if st.cfg.prefetch_bc else None
-        return (u_ref[t, :], dt_ref[t, :], z_ref[t, :] if st.has_z else None,
-                keep_ref[t] if st.has_keep else None, bc)
+        return (u_ref[t, :], dt_ref[t, :], z_ref[t, :] if z_ref is not None else None,
+                keep_ref[t] if st.has_keep else None, load_bc(t) if pf_bc else None)
 
-    def step(v, Bt, Ct, h):
-        u, pre, zt, keep, _ = v
+    def advance(v, Bt, h):
+        """h_t from h_{t-1}: one exp2 per state element (A pre-scaled by log2 e)."""
+        u, pre, _, keep, _ = v
         u = u.astype(f32)
-        pre = pre.astype(f32)
-        if bias is not None:
-            pre = pre + bias
-        dl = softplus(pre) if st.softplus else pre
-        a = jnp.exp2((dl * LOG2E)[None, :] * A)               # exp(dl A), (n, db)
+        _, dl = _delta(pre, bias, st)
+        a = jnp.exp2(dl[None, :] * A2)                        # exp(dl A), (n, db)
         if keep is not None:
             a = a * keep
-        h = a * h + Bt[:, None] * (dl * u)[None, :]
-        y = jnp.sum(h * Ct[:, None], axis=0)
-        if st.has_D:
-            y = y + Dv * u
-        if zt is not None:
-            zt = zt.astype(f32)
-            y = y * (zt * sigmoid(zt))
-        return h, y.astype(y_ref.dtype)
+        return a * h + Bt[:, None] * (dl * u)[None, :], u, dl
 
-    def group_body(t0, count, vals, h):
+    def body(t0, count, vals, carry):
         """``count`` steps from t0 with their per-channel inputs ``vals``: B / C loads
         first, then the recurrence, then the stores (a store may alias any later load, so
         none sits between the group's loads)."""
-        bc = [vals[k][4] if vals[k][4] is not None else (B_ref[t0 + k, :], C_ref[t0 + k, :])
-              for k in range(count)]
-        ys = []
+        bc = [vals[k][4] if pf_bc else load_bc(t0 + k) for k in range(count)]
+        if local:
+            h, dls = carry
+            for k in range(count):
+                h, _, dl = advance(vals[k], bc[k][0], h)
+                dls = dls + dl
+            return h, dls
+        h, ys = carry, []
         for k in range(count):
-            h, y = step(vals[k], *bc[k], h)
-            ys.append(y)
+            h, u, _ = advance(vals[k], bc[k][0], h)
+            y = jnp.sum(h * bc[k][1][:, None], axis=0)
+            if Dv is not None:
+                y = y + Dv * u
+            zt = vals[k][2]
+            if zt is not None:
+                zt = zt.astype(f32)
+                y = y * (zt * sigmoid(zt))
+            ys.append(y.astype(y_ref.dtype))
         for k in range(count):
             y_ref[t0 + k, :] = ys[k]
         return h
 
-    def run(t0, count, h):
-        """``count`` (static) steps from t0 in unrolled groups of U.  With ``prefetch`` the
-        next group's per-channel rows are loaded before this group's compute and carried
-        in registers (one register per row), overlapping their latency with a group."""
-        groups, rem = divmod(count, U)
-        if groups and st.cfg.prefetch:
-            def group(i, carry):
-                h, cur = carry
-                nxt = [load(t0 + (i + 1) * U + k) for k in range(U)]
-                return group_body(t0 + i * U, U, cur, h), nxt
-            h, _ = lax.fori_loop(0, groups, group, (h, [load(t0 + k) for k in range(U)]))
-        elif groups:
-            def group(i, h):
-                return group_body(t0 + i * U, U, [load(t0 + i * U + k) for k in range(U)], h)
-            h = lax.fori_loop(0, groups, group, h)
-        if rem:
-            tr = t0 + groups * U
-            h = group_body(tr, rem, [load(tr + k) for k in range(rem)], h)
-        return h
+    walk = functools.partial(_walk, load=load, body=body, unroll=st.cfg.unroll,
+                             prefetch=st.cfg.prefetch)
+    zeros = jnp.zeros((n, db), f32)
+    if local:
+        h, dls = walk(s * Ls, Ls, (zeros, jnp.zeros((db,), f32)))
+        loc_ref[...] = h
+        dls_ref[...] = dls
+        return
 
-    h = _load_rows(h0_ref, n, db) if st.has_h0 else jnp.zeros((n, db), f32)
-    if not save:
-        h = run(0, st.l, h)
-    else:
-        full, r = divmod(st.l, K1)
-
+    h = _load_rows(h0_ref, n, db) if h0_ref is not None else zeros
+    tail = st.l - st.chunks * K1
+    if not save and S == 1:
+        final_ref[...] = walk(0, st.l, h)
+        return
+    if save:
         def chunk(c, h):
+            c = s * cps + c
             ck_ref[c, :, :] = h
-            return run(c * K1, K1, h)
+            return walk(c * K1, K1, h)
+        if cps:
+            h = lax.fori_loop(0, cps, chunk, h)
+    elif Ls:
+        h = walk(s * Ls, Ls, h)
 
-        if full:
-            h = lax.fori_loop(0, full, chunk, h)
-        if r:
-            ck_ref[full, :, :] = h
-            h = run(full * K1, r, h)
-    final_ref[...] = h
+    def finish(h):
+        if tail:
+            if save:
+                ck_ref[st.chunks, :, :] = h
+            h = walk(st.chunks * K1, tail, h)
+        final_ref[...] = h
+
+    if S == 1:
+        finish(h)
+    else:
+        pl.when(s == S - 1)(lambda: finish(h))
+
+
+def _split_alive(keep, st: _Static, S: int):
+    """(b, S) float32: 0 where a segment starts inside split s (the carried state is reset),
+    else 1; the last split includes the tail.  None without segments."""
+    if keep is None:
+        return None
+    Ls = st.split_len(S)
+    alive = keep[:, :S * Ls].reshape(st.b, S, Ls).min(axis=-1)
+    if S * Ls < st.l:
+        alive = alive.at[:, -1].min(keep[:, S * Ls:].min(axis=-1))
+    return alive
+
+
+def _chain(local, dls, A2, alive, first, reverse):
+    """The state (gradient) at every split boundary, (b, S, n, d), from the zero-start ones.
+
+    local, dls: (b, S-1, n, d), (b, S-1, d) of splits 0 .. S-2 (forward) or 1 .. S-1
+    (reverse); a split carries what crosses it times exp(A * sum of its delta), or 0 when a
+    segment starts inside it.  Forward: enter[0] = first, enter[s+1] = carry[s] enter[s] +
+    local[s].  Reverse: leave[S-1] = first, leave[s-1] = carry[s] leave[s] + local[s]."""
+    carry = jnp.exp2(A2[None, None] * dls[:, :, None, :])
+    if alive is not None:
+        carry = carry * (alive[:, 1:] if reverse else alive[:, :-1])[:, :, None, None]
+    out = [first]
+    order = range(local.shape[1] - 1, -1, -1) if reverse else range(local.shape[1])
+    for k in order:
+        out.append(carry[:, k] * out[-1] + local[:, k])
+    return jnp.stack(out[::-1] if reverse else out, axis=1)
+
+
+def _entering_states(st: _Static, arrays):
+    """(b, S, n, d) float32: the state entering every forward split."""
+    u, delta, A2, B, C, D, z, bias, h0, keep = arrays
+    b, d, n, db, S = st.b, st.d, st.n, st.fwd_block, st.fwd_splits
+    s = _specs(st, db, S - 1)
+    present = [(u, s["bld"]), (delta, s["bld"]), (A2, s["nd"]), (B, s["blgn"]),
+               (bias, s["d"]), (keep, s["bl"])]
+    present = [(x, spec) for x, spec in present if x is not None]
+    _sds = functools.partial(out_struct, inputs=[x for x, _ in present])
+    local, dls = pl.pallas_call(
+        functools.partial(_fwd_kernel, st, False, True),
+        out_shape=[_sds((b, S - 1, n, d), f32), _sds((b, S - 1, d), f32)],
+        grid=_grid(b, d // db, S - 1),
+        in_specs=[spec for _, spec in present],
+        out_specs=[s["bsnd"], s["bsd"]],
+        compiler_params=_params(st.cfg.fwd_num_warps),
+        interpret=st.interpret,
+        name="selective_scan_fwd_split_state",
+    )(*(x for x, _ in present))
+    first = h0 if h0 is not None else jnp.zeros((b, n, d), f32)
+    return _chain(local, dls, A2, _split_alive(keep, st, S), first, reverse=False)
 
 
 def _forward(st: _Static, arrays, save: bool):
-    u, delta, A, B, C, D, z, bias, h0, keep = arrays
-    b, l, d, n, db = st.b, st.l, st.d, st.n, st.fwd_block
-    s = _specs(st, db)
-    present = [(u, s["bld"]), (delta, s["bld"]), (A, s["nd"]), (B, s["blgn"]), (C, s["blgn"]),
-               (D, s["d"]), (z, s["bld"]), (bias, s["d"]), (h0, s["bnd"]), (keep, s["bl"])]
+    u, delta, A2, B, C, D, z, bias, h0, keep = arrays
+    b, l, d, n, db, S = st.b, st.l, st.d, st.n, st.fwd_block, st.fwd_splits
+    init = _entering_states(st, arrays) if S > 1 else (h0[:, None] if h0 is not None else None)
+    s = _specs(st, db, S)
+    present = [(u, s["bld"]), (delta, s["bld"]), (A2, s["nd"]), (B, s["blgn"]), (C, s["blgn"]),
+               (D, s["d"]), (z, s["bld"]), (bias, s["d"]), (init, s["bsnd"]), (keep, s["bl"])]
     present = [(x, spec) for x, spec in present if x is not None]
     _sds = functools.partial(out_struct, inputs=[x for x, _ in present])
     out_shape = [_sds((b, l, d), u.dtype), _sds((b, n, d), f32)]
@@ -265,9 +508,9 @@ def _forward(st: _Static, arrays, save: bool):
         out_shape.append(_sds((b, pl.cdiv(l, st.cfg.chunk), n, d), f32))
         out_specs.append(s["ckpt"])
     outs = pl.pallas_call(
-        functools.partial(_fwd_kernel, st, save),
+        functools.partial(_fwd_kernel, st, save, False),
         out_shape=out_shape,
-        grid=(b, d // db),
+        grid=_grid(b, d // db, S),
         in_specs=[spec for _, spec in present],
         out_specs=out_specs,
         compiler_params=_params(st.cfg.fwd_num_warps),
@@ -278,21 +521,93 @@ def _forward(st: _Static, arrays, save: bool):
 
 
 # --------------------------------------------------------------------------- backward
+def _bwd_split_kernel(st: _Static, *refs):
+    """Zero-start adjoint carry of backward split s + 1 (program split s): the gradient its
+    steps send to the state before its first step, walking backwards from its end with
+    nothing arriving from later splits; and the sum of its delta."""
+    it = iter(refs)
+    dt_ref, A_ref, C_ref, dout_ref = (next(it) for _ in range(4))
+    z_ref, bias_ref, keep_ref = (_take(it, f) for f in (st.has_z, st.has_bias, st.has_keep))
+    loc_ref, dls_ref = next(it), next(it)
+
+    n, db, K1, S = st.n, st.bwd_block, st.cfg.chunk, st.bwd_splits
+    Ls = st.split_len(S)
+    s = _split_id(S - 1) + 1
+    A2 = _load_rows(A_ref, n, db)
+    bias = bias_ref[...].astype(f32) if st.has_bias else None
+
+    def load(t):
+        t = jnp.clip(t, 0, st.l - 1)
+        return (dt_ref[t, :], C_ref[t, :], dout_ref[t, :],
+                z_ref[t, :] if st.has_z else None, keep_ref[t] if st.has_keep else None)
+
+    def body(t0, count, vals, carry):
+        g, dls = carry
+        for k in reversed(range(count)):
+            pre, Ct, dout, zt, keep = vals[k]
+            _, dl = _delta(pre, bias, st)
+            a = jnp.exp2(dl[None, :] * A2)
+            if keep is not None:
+                a = a * keep
+            dy = dout.astype(f32)
+            if zt is not None:
+                zt = zt.astype(f32)
+                dy = dy * (zt * sigmoid(zt))
+            g = a * (g + Ct.astype(f32)[:, None] * dy[None, :])
+            dls = dls + dl
+        return g, dls
+
+    walk = functools.partial(_walk, load=load, body=body, unroll=st.cfg.unroll,
+                             prefetch=st.cfg.prefetch, reverse=True)
+    carry = (jnp.zeros((n, db), f32), jnp.zeros((db,), f32))
+    tail = st.l - st.chunks * K1
+    if tail:   # the last split's tail steps come first, walking backwards
+        carry = _when_last(s, S, lambda c: walk(st.chunks * K1, tail, c), carry)
+    g, dls = walk(s * Ls, Ls, carry)
+    loc_ref[...] = g
+    dls_ref[...] = dls
+
+
+def _leaving_grads(st: _Static, arrays, dy, dfinal):
+    """(b, S, n, d) float32: the adjoint carry (gradient of the state) leaving every backward
+    split, i.e. what reaches its last state from later steps and the final-state cotangent."""
+    u, delta, A2, B, C, D, z, bias, h0, keep = arrays
+    b, d, n, db, S = st.b, st.d, st.n, st.bwd_block, st.bwd_splits
+    s = _specs(st, db, S - 1)
+    present = [(delta, s["bld"]), (A2, s["nd"]), (C, s["blgn"]), (dy, s["bld"]), (z, s["bld"]),
+               (bias, s["d"]), (keep, s["bl"])]
+    present = [(x, spec) for x, spec in present if x is not None]
+    _sds = functools.partial(out_struct, inputs=[x for x, _ in present])
+    local, dls = pl.pallas_call(
+        functools.partial(_bwd_split_kernel, st),
+        out_shape=[_sds((b, S - 1, n, d), f32), _sds((b, S - 1, d), f32)],
+        grid=_grid(b, d // db, S - 1),
+        in_specs=[spec for _, spec in present],
+        out_specs=[s["bsnd"], s["bsd"]],
+        compiler_params=_params(st.cfg.bwd_num_warps),
+        interpret=st.interpret,
+        name="selective_scan_bwd_split_dstate",
+    )(*(x for x, _ in present))
+    return _chain(local, dls, A2, _split_alive(keep, st, S), dfinal, reverse=True)
+
+
 def _bwd_kernel(st: _Static, *refs):
     it = iter(refs)
     u_ref, dt_ref, A_ref, B_ref, C_ref = (next(it) for _ in range(5))
     D_ref, z_ref, bias_ref, keep_ref = (
         _take(it, f) for f in (st.has_D, st.has_z, st.has_bias, st.has_keep))
-    ck_ref, dout_ref, dfinal_ref = next(it), next(it), next(it)
+    ck_ref, dout_ref, dleave_ref = next(it), next(it), next(it)
     du_ref, ddt_ref = next(it), next(it)
     dz_ref = _take(it, st.has_z)
     dB_ref, dC_ref, dA_ref = next(it), next(it), next(it)
     dD_ref, dbias_ref, dh0_ref = (_take(it, f) for f in (st.has_D, st.has_bias, st.has_h0))
 
-    n, db = st.n, st.bwd_block
+    n, db, S = st.n, st.bwd_block, st.bwd_splits
     K1, K2 = st.cfg.chunk, st.cfg.sub_chunk
     M = K1 // K2
-    A = _load_rows(A_ref, n, db)
+    cps = st.chunks // S
+    s = _split_id(S)
+    A2 = _load_rows(A_ref, n, db)                     # A log2(e)
     Dv = D_ref[...].astype(f32) if st.has_D else None
     bias = bias_ref[...].astype(f32) if st.has_bias else None
     sub_index = lax.broadcasted_iota(jnp.int32, (M, 1, 1), 0)
@@ -310,13 +625,10 @@ def _bwd_kernel(st: _Static, *refs):
         adjoint step reuses."""
         u, pre, Bt, keep = v
         u = u.astype(f32)
-        pre = pre.astype(f32)
-        if bias is not None:
-            pre = pre + bias
-        dl = softplus(pre) if st.softplus else pre
+        pre, dl = _delta(pre, bias, st)
         x = dl * u
         Bt = Bt.astype(f32)
-        a = jnp.exp2((dl * LOG2E)[None, :] * A)
+        a = jnp.exp2(dl[None, :] * A2)
         if keep is not None:
             a = a * keep
         return a * h + Bt[:, None] * x[None, :], (u, pre, dl, x, Bt, a)
@@ -347,8 +659,8 @@ def _bwd_kernel(st: _Static, *refs):
         dB_ref[t, :] = jnp.sum(dh * x[None, :], axis=1)
         sB = jnp.sum(dh * Bt[:, None], axis=0)                # (db,)
         q = dh * (a * h_prev)                                 # d(loss)/d(log a) per element
-        dA = dA + q * dl[None, :]
-        ddl = sB * u + jnp.sum(q * A, axis=0)
+        dA = dA + q * dl[None, :]                             # times ln 2 in XLA: d/d(A2)
+        ddl = sB * u + LN2 * jnp.sum(q * A2, axis=0)          # d(log a)/d(dl) = A = ln2 A2
         du = dl * sB
         if st.has_D:
             du = du + Dv * dy
@@ -368,9 +680,9 @@ def _bwd_kernel(st: _Static, *refs):
         adj = [load_adjoint(t0 + k) for k in range(count)]
         hs, saved = [h], []
         for k in range(count):
-            h, s = recompute(vals[k], h)
+            h, sv = recompute(vals[k], h)
             hs.append(h)
-            saved.append(s)
+            saved.append(sv)
         for k in reversed(range(count)):
             carry = adjoint(t0 + k, saved[k], adj[k], hs[k], hs[k + 1], carry)
         return carry
@@ -401,15 +713,19 @@ def _bwd_kernel(st: _Static, *refs):
         return carry
 
     zeros_d = jnp.zeros((db,), f32)
-    carry = (_load_rows(dfinal_ref, n, db), jnp.zeros((n, db), f32), zeros_d, zeros_d)
-    full, r = divmod(st.l, K1)
-    if r:
-        carry = chunk_backward(full * K1, full, r // K2, r % K2, carry)
-    if full:
+    carry = (_load_rows(dleave_ref, n, db), jnp.zeros((n, db), f32), zeros_d, zeros_d)
+    full = st.chunks
+    r = st.l - full * K1
+    if r:   # the tail chunk (last split only)
+        tail = lambda carry: chunk_backward(full * K1, full, r // K2, r % K2, carry)
+        carry = _when_last(s, S, tail, carry)
+    if cps:
+        last = cps - 1 if S == 1 else (s + 1) * cps - 1     # the split's last chunk
+
         def chunk(i, carry):
-            c = full - 1 - i
+            c = last - i
             return chunk_backward(c * K1, c, M, 0, carry)
-        carry = lax.fori_loop(0, full, chunk, carry)
+        carry = lax.fori_loop(0, cps, chunk, carry)
     g, dA, dD, dbias = carry
     dA_ref[...] = dA
     if st.has_D:
@@ -417,17 +733,23 @@ def _bwd_kernel(st: _Static, *refs):
     if st.has_bias:
         dbias_ref[...] = dbias
     if st.has_h0:
-        dh0_ref[...] = g
+        if S == 1:
+            dh0_ref[...] = g
+        else:
+            @pl.when(s == 0)
+            def _():
+                dh0_ref[...] = g
 
 
 def _backward(st: _Static, arrays, ckpt, dy, dfinal):
-    u, delta, A, B, C, D, z, bias, h0, keep = arrays
-    b, l, d, n, db = st.b, st.l, st.d, st.n, st.bwd_block
+    u, delta, A2, B, C, D, z, bias, h0, keep = arrays
+    b, l, d, n, db, S = st.b, st.l, st.d, st.n, st.bwd_block, st.bwd_splits
     nblk = d // db
-    s = _specs(st, db)
-    ins = [(u, s["bld"]), (delta, s["bld"]), (A, s["nd"]), (B, s["blgn"]), (C, s["blgn"]),
+    dleave = _leaving_grads(st, arrays, dy, dfinal) if S > 1 else dfinal[:, None]
+    s = _specs(st, db, S)
+    ins = [(u, s["bld"]), (delta, s["bld"]), (A2, s["nd"]), (B, s["blgn"]), (C, s["blgn"]),
            (D, s["d"]), (z, s["bld"]), (bias, s["d"]), (keep, s["bl"]),
-           (ckpt, s["ckpt"]), (dy, s["bld"]), (dfinal, s["bnd"])]
+           (ckpt, s["ckpt"]), (dy, s["bld"]), (dleave, s["bsnd"])]
     ins = [(x, spec) for x, spec in ins if x is not None]
     _sds = functools.partial(out_struct, inputs=[x for x, _ in ins])
     outs = [(_sds(u.shape, u.dtype), s["bld"]),
@@ -435,17 +757,17 @@ def _backward(st: _Static, arrays, ckpt, dy, dfinal):
     if st.has_z:
         outs.append((_sds(z.shape, z.dtype), s["bld"]))
     outs += [(_sds((b, nblk, l, n), f32), s["part"])] * 2
-    outs.append((_sds((b, n, d), f32), s["bnd"]))
+    outs.append((_sds((b, S, n, d), f32), s["bsnd"]))
     if st.has_D:
-        outs.append((_sds((b, d), f32), s["bd"]))
+        outs.append((_sds((b, S, d), f32), s["bsd"]))
     if st.has_bias:
-        outs.append((_sds((b, d), f32), s["bd"]))
+        outs.append((_sds((b, S, d), f32), s["bsd"]))
     if st.has_h0:
         outs.append((_sds((b, n, d), f32), s["bnd"]))
     res = iter(pl.pallas_call(
         functools.partial(_bwd_kernel, st),
         out_shape=[o for o, _ in outs],
-        grid=(b, nblk),
+        grid=_grid(b, nblk, S),
         in_specs=[spec for _, spec in ins],
         out_specs=[spec for _, spec in outs],
         compiler_params=_params(st.cfg.bwd_num_warps),
@@ -456,11 +778,11 @@ def _backward(st: _Static, arrays, ckpt, dy, dfinal):
     dz = _take(res, st.has_z)
     dB = grouped_partials_to_dBC(next(res), st.g).astype(B.dtype)
     dC = grouped_partials_to_dBC(next(res), st.g).astype(C.dtype)
-    dA = next(res).sum(0).astype(A.dtype)
-    dD = next(res).sum(0).astype(D.dtype) if st.has_D else None
-    dbias = next(res).sum(0).astype(bias.dtype) if st.has_bias else None
+    dA2 = (next(res).sum((0, 1)) * LN2).astype(A2.dtype)
+    dD = next(res).sum((0, 1)).astype(D.dtype) if st.has_D else None
+    dbias = next(res).sum((0, 1)).astype(bias.dtype) if st.has_bias else None
     dh0 = next(res).astype(h0.dtype) if st.has_h0 else None
-    return du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, None
+    return du, ddelta, dA2, dB, dC, dD, dz, dbias, dh0, None
 
 
 _core = make_core(_forward, _backward)
@@ -483,20 +805,24 @@ def selective_scan_pallas_gpu(
     g = Bg.shape[2]
     n_pad = next_pow2(n)   # Triton tensors have power-of-two sizes; padded states stay 0
     pad_n = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n_pad - n)])
-    A_nd = pad_n(A.astype(f32)).T                                      # (n, d)
+    # A log2(e): the kernels take exp(delta A) as exp2(delta * A2), one MUFU op per element
+    # and no other multiply; autodiff of this scaling turns d/dA2 into dA.
+    A2_nd = pad_n(A.astype(f32) * LOG2E).T                             # (n, d)
     h0 = None if initial_state is None else jnp.swapaxes(pad_n(initial_state.astype(f32)), 1, 2)
+    fwd_splits, bwd_splits = default_seq_splits(b, l, d, g, cfg)
     st = _Static(
         b=b, l=l, d=d, n=n_pad, g=g, softplus=bool(delta_softplus),
         has_D=D is not None, has_z=z is not None, has_bias=delta_bias is not None,
         has_h0=h0 is not None, has_keep=segment_ids is not None,
         fwd_block=largest_pow2_divisor(d // g, cfg.fwd_d_block),
         bwd_block=largest_pow2_divisor(d // g, cfg.bwd_d_block),
+        fwd_splits=fwd_splits, bwd_splits=bwd_splits,
         cfg=cfg, interpret=bool(interpret),
     )
     # B / C are small (b * l * g * n): reading them as float32 spares the kernel unpacking
     # 2 * n bf16 values per step and thread.
     y, final = _core(
-        st, u, delta, A_nd, pad_n(Bg.astype(f32)), pad_n(Cg.astype(f32)),
+        st, u, delta, A2_nd, pad_n(Bg.astype(f32)), pad_n(Cg.astype(f32)),
         None if D is None else D.astype(f32), z,
         None if delta_bias is None else delta_bias.astype(f32),
         h0, keep_from_segments(segment_ids, b, l),
