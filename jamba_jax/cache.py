@@ -171,31 +171,6 @@ def stack_cache(cache: Cache, period: int) -> Cache:
                  cache.lengths)
 
 
-# ------------------------------------------------------------------------- stacked-layer access
-#
-# A decode step rides the stacked cache arrays in the layer scan's carry and rewrites entry ``layer``
-# with a dynamic-update-slice, which XLA does in place only if no other read of the *old* array can
-# still be pending when the update runs. A y computed from the old entry in a separate fusion made
-# XLA copy the whole stacked SSM state twice per layer per token on CPU (``copy(f32[repeats, b, h,
-# p, n])`` in the compiled while loop). The XLA state updates therefore make the written value
-# depend on every other read of the old entry (`pallas_kernels.ssd.decode`), and the GPU kernel
-# reads and writes the entry in one program through an aliased buffer; either way there is no copy.
-# The layer index is non-negative by construction, so no negative-index wrap-around is emitted.
-
-def layer_slice(a: jax.Array, layer) -> jax.Array:
-    """``a[layer]`` for a cache array stacked over repetitions (``layer=None``: ``a`` itself)."""
-    return a if layer is None else jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False,
-                                                                allow_negative_indices=False)
-
-
-def layer_update(a: jax.Array, value: jax.Array, layer) -> jax.Array:
-    """``a`` with ``a[layer] = value`` (``layer=None``: ``value``), as an in-place-able update.
-    ``value`` is cast to ``a.dtype`` (a float32 SSM update stored into a bfloat16 cache rounds here)."""
-    value = value.astype(a.dtype)
-    return value if layer is None else jax.lax.dynamic_update_index_in_dim(a, value, layer, 0,
-                                                                          allow_negative_indices=False)
-
-
 # --------------------------------------------------------------------------------- conv helpers
 
 def conv_window(x: jax.Array, lengths: jax.Array, k: int) -> jax.Array:

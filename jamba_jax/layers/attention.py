@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jamba_jax.cache import KVCache, layer_slice
+from jamba_jax.cache import KVCache
 from jamba_jax.config import AttentionConfig
 from jamba_jax.layers.common import dense
 from jamba_jax.ops import segment_starts
@@ -313,18 +313,17 @@ class Attention(nnx.Module):
         pad = [(0, 0), (0, max_len - l), (0, 0), (0, 0)]
         return y, KVCache(jnp.pad(k, pad), jnp.pad(v, pad))
 
-    def decode_step(self, x: jax.Array, cache: KVCache, lengths: jax.Array, *, layer=None):
+    def decode_step(self, x: jax.Array, cache: KVCache, lengths: jax.Array):
         """One token per row at position ``lengths[i]``: x ``(b, 1, d_model)`` ->
         ``(y (b, 1, d_model), new cache)``.
 
         The new key/value are scattered into slot ``lengths[i]`` first and attention then reads the
-        updated cache (slots ``<= lengths[i]``), so under ``jit`` the write happens in place. With
-        ``layer`` the cache arrays carry a leading stacked axis and only entry ``layer`` is touched.
+        updated cache (slots ``<= lengths[i]``), so under ``jit`` the write happens in place.
         """
         b = x.shape[0]
         q, k, v = self.qkv(x, lengths[:, None])
-        idx = (jnp.arange(b), lengths) if layer is None else (layer, jnp.arange(b), lengths)
+        idx = (jnp.arange(b), lengths)
         keys = cache.k.at[idx].set(k[:, 0].astype(cache.k.dtype))
         values = cache.v.at[idx].set(v[:, 0].astype(cache.v.dtype))
-        o = cached_attention(q[:, 0], layer_slice(keys, layer), layer_slice(values, layer), lengths + 1)
+        o = cached_attention(q[:, 0], keys, values, lengths + 1)
         return self.out(o[:, None]), KVCache(keys, values)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jamba_jax.cache import SSMCache, check_state_dtype, conv_step, conv_window, layer_slice, layer_update
+from jamba_jax.cache import SSMCache, check_state_dtype, conv_step, conv_window
 from jamba_jax.config import Mamba1Config
 from jamba_jax.layers.common import dense, param, rms_normalize
 from jamba_jax.layers.ssm_init import conv_init, dt_bias_init
@@ -34,34 +34,6 @@ def selective_scan_step(state: jax.Array, u: jax.Array, delta: jax.Array, A: jax
     if z is not None:
         y = y * jax.nn.silu(z.astype(f32))
     return y.astype(u.dtype), state
-
-
-def selective_scan_decode_update(ssm: jax.Array, layer, u: jax.Array, delta: jax.Array, A: jax.Array,
-                                 B: jax.Array, C: jax.Array, D: jax.Array | None = None,
-                                 z: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """`selective_scan_step` on entry ``layer`` of a stacked state, updated in place:
-    ``(y, ssm with ssm[layer] = state')``.
-
-    ssm ``(repeats, b, d, n)`` (``layer=None``: ``(b, d, n)``) in its storage dtype (float32 or
-    bfloat16); other arguments as `selective_scan_step`. Float32 math; the new state is rounded to
-    ``ssm.dtype`` only when stored. y is read out of the *old* state,
-    ``y = (sum_n exp(delta A) state C + delta u (B . C) + D u) silu(z)``, and the update consumes it
-    (``+ 0 * y``) so that the read of the old entry is ordered before its in-place overwrite (see
-    `pallas_kernels.ssd.decode`).
-    """
-    f32 = jnp.float32
-    uf = u.astype(f32)
-    old = layer_slice(ssm, layer).astype(f32)  # (b, d, n)
-    Bf, Cf = B.astype(f32), C.astype(f32)
-    dA = jnp.exp(delta[..., None] * A.astype(f32))  # (b, d, n)
-    sc = jnp.sum(dA * old * Cf[:, None, :], axis=-1)  # (b, d)
-    y = sc + delta * uf * jnp.sum(Bf * Cf, axis=-1)[:, None]
-    if D is not None:
-        y = y + D.astype(f32) * uf
-    if z is not None:
-        y = y * jax.nn.silu(z.astype(f32))
-    new = dA * old + (delta * uf)[..., None] * Bf[:, None, :] + 0.0 * sc[..., None]
-    return y.astype(u.dtype), layer_update(ssm, new, layer)
 
 
 class Mamba1Mixer(nnx.Module):
@@ -150,18 +122,15 @@ class Mamba1Mixer(nnx.Module):
                                   return_final_state=True, impl=self.impl)
         return self.out_proj(y), SSMCache(window, state.astype(check_state_dtype(state_dtype)))
 
-    def decode_step(self, x: jax.Array, cache: SSMCache, *, layer=None) -> tuple[jax.Array, SSMCache]:
+    def decode_step(self, x: jax.Array, cache: SSMCache) -> tuple[jax.Array, SSMCache]:
         """One token per row: x ``(b, 1, d_model)`` -> ``(y (b, 1, d_model), new cache)``.
 
-        With ``layer`` (an int or traced index) the cache arrays carry a leading stacked axis: the
-        step reads ``cache[layer]`` and returns the stacked arrays with that entry replaced.
         The update is computed in float32 and stored in the cache's dtype (``cache.ssm.dtype``).
         """
         xs, z = jnp.split(self.in_proj(x[:, 0]), 2, axis=-1)
-        xs, window = conv_step(layer_slice(cache.conv, layer), xs, *self._conv_params(xs.dtype))
+        xs, window = conv_step(cache.conv, xs, *self._conv_params(xs.dtype))
         xs = jax.nn.silu(xs)
         delta, B, C = self._dt_bc(xs)
         delta = prepare_delta(delta, self.dt_proj.bias[...], True)
-        y, ssm = selective_scan_decode_update(cache.ssm, layer, xs, delta, -jnp.exp(self.A_log[...]), B, C,
-                                              self.D[...], z)
-        return self.out_proj(y)[:, None], SSMCache(layer_update(cache.conv, window, layer), ssm)
+        y, ssm = selective_scan_step(cache.ssm, xs, delta, -jnp.exp(self.A_log[...]), B, C, self.D[...], z)
+        return self.out_proj(y)[:, None], SSMCache(window.astype(cache.conv.dtype), ssm.astype(cache.ssm.dtype))

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jamba_jax.cache import SSMCache, check_state_dtype, conv_step, conv_window, layer_slice, layer_update
+from jamba_jax.cache import SSMCache, check_state_dtype, conv_step, conv_window
 from jamba_jax.config import Mamba2Config
 from jamba_jax.layers.common import dense, param
 from jamba_jax.layers.ssm_init import conv_init, dt_bias_init
@@ -26,8 +26,8 @@ class Mamba2Mixer(nnx.Module):
                  rngs: nnx.Rngs, impl: str = "auto"):
         self.cfg, self.dtype, self.impl = cfg, dtype, impl
         # The decode step's state update (`ssd_decode_update`): the fused GPU kernel where there is
-        # one unless a pure-JAX scan path was asked for.
-        self.decode_impl = impl if impl in ("xla", "reference") else "auto"
+        # one, unless a pure-JAX scan path was asked for.
+        self.decode_impl = "xla" if impl in ("xla", "reference") else "auto"
         h = cfg.n_heads
         self.in_proj = dense(d_model, cfg.d_inner + cfg.conv_dim + h, ("embed", "ssm_inner"), bias=cfg.proj_bias,
                              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -88,11 +88,9 @@ class Mamba2Mixer(nnx.Module):
                            group_size=cfg.d_inner // g, eps=cfg.norm_eps)
         return self.out_proj(y), SSMCache(window, state.astype(check_state_dtype(state_dtype)))
 
-    def decode_step(self, x: jax.Array, cache: SSMCache, *, layer=None) -> tuple[jax.Array, SSMCache]:
+    def decode_step(self, x: jax.Array, cache: SSMCache) -> tuple[jax.Array, SSMCache]:
         """One token per row: x ``(b, 1, d_model)`` -> ``(y (b, 1, d_model), new cache)``.
 
-        With ``layer`` (an int or traced index) the cache arrays carry a leading stacked axis: the
-        step reads ``cache[layer]`` and returns the stacked arrays with that entry replaced.
         The update is computed in float32 whatever the cache holds and stored back in the cache's
         own dtype (``cache.ssm.dtype``: float32, or bfloat16 for a ``state_dtype=bfloat16`` cache).
         """
@@ -100,13 +98,13 @@ class Mamba2Mixer(nnx.Module):
         b = x.shape[0]
         h, p, g, n = cfg.n_heads, cfg.head_dim, cfg.n_groups, cfg.d_state
         z, xbc, dt = jnp.split(self.in_proj(x[:, 0]), [cfg.d_inner, cfg.d_inner + cfg.conv_dim], axis=-1)
-        xbc, window = conv_step(layer_slice(cache.conv, layer), xbc, self.conv_weight[...].astype(xbc.dtype),
+        xbc, window = conv_step(cache.conv, xbc, self.conv_weight[...].astype(xbc.dtype),
                                 None if self.conv_bias is None else self.conv_bias[...].astype(xbc.dtype))
         xs, B, C = jnp.split(jax.nn.silu(xbc), [cfg.d_inner, cfg.d_inner + g * n], axis=-1)
         dt = preprocess_dt(dt, self.dt_bias[...], True, cfg.dt_limit)  # (b, h) float32
         xs = xs.reshape(b, h, p)
-        y, ssm = ssd_decode_update(cache.ssm, layer, xs, dt, -jnp.exp(self.A_log[...]), B.reshape(b, g, n),
+        y, ssm = ssd_decode_update(cache.ssm, xs, dt, -jnp.exp(self.A_log[...]), B.reshape(b, g, n),
                                    C.reshape(b, g, n), self.D[...], impl=self.decode_impl)
         y = gated_rms_norm(y.reshape(b, cfg.d_inner), z, self.norm_weight[...],
                            group_size=cfg.d_inner // g, eps=cfg.norm_eps)
-        return self.out_proj(y)[:, None], SSMCache(layer_update(cache.conv, window, layer), ssm)
+        return self.out_proj(y)[:, None], SSMCache(window.astype(cache.conv.dtype), ssm)
