@@ -463,6 +463,8 @@ def main(argv=None) -> None:
         try:
             if phase.impl == PEER:
                 r = bench_mamba_ssm(peer, cfg, ids, gen_len, repeats)
+                gc.collect()
+                peer[0].cuda.empty_cache()  # hand torch's cached blocks back before JAX allocates
             else:
                 if phase.model not in models:
                     for other in list(models):  # one of our models on the device at a time
