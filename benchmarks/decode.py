@@ -38,7 +38,7 @@ preallocated KV cache read. The same count is used for both implementations, so 
 compares them directly. Our Mamba-2 state update is the fused kernel of
 `pallas_kernels.ssd.decode` (the state read once and written in place, as mamba_ssm's Triton
 ``selective_state_update`` does); a last phase runs the 2.7B at the largest batch with the XLA
-update instead (it reads the state twice) to show the kernel's effect. "vs mamba_ssm" is our decode tokens/s over mamba_ssm's at the same batch.
+update instead (`ssd_step` left to XLA) to show the kernel's effect. "vs mamba_ssm" is our decode tokens/s over mamba_ssm's at the same batch.
 
 For each of our runs the compiled decode loop is searched for copies of SSM state or KV arrays
 (`jamba_jax.cache.cache_copies_in_loop`: each would add the state's bytes to every step); they are

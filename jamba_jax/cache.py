@@ -14,7 +14,9 @@ so every cache array carries the same leading ``repeats`` axis as the parameters
 
 `Cache` holds the per-period tuple and ``lengths (b,)`` int32: how many tokens each row has consumed,
 which is the position of the next token (RoPE) and the KV slot it is written to. Every attention
-layer of a row has seen the same tokens, so one ``lengths`` serves them all.
+layer of a row has seen the same tokens, so one ``lengths`` serves them all. The token loop holds the
+same cache *unstacked* (`unstack_cache`): one entry per layer, ``r * period + j``, without the
+repeats axis.
 
 SSM state dtype (``state_dtype``): float32 by default, the project's rule for SSM state. bfloat16 is
 the inference-only alternative, the same choice as mamba_ssm's inference cache (its
@@ -80,7 +82,8 @@ class KVCache:
 @dataclasses.dataclass(frozen=True)
 class Cache:
     """The whole model's cache: one entry per sublayer of the period (``None`` for MLP / MoE),
-    stacked over repetitions, and the per-row token counts ``lengths (b,)`` int32."""
+    stacked over repetitions (or, unstacked, one per layer), and the per-row token counts
+    ``lengths (b,)`` int32."""
 
     layers: tuple[Any, ...]
     lengths: jax.Array
@@ -94,7 +97,7 @@ class Cache:
         """KV capacity (``None`` for a model without attention: SSM state does not grow)."""
         for layer in self.layers:
             if isinstance(layer, KVCache):
-                return layer.k.shape[2]
+                return layer.k.shape[-3]  # (..., b, max_len, n_kv_heads, head_dim), stacked or not
         return None
 
 
@@ -219,6 +222,8 @@ def cache_copies_in_loop(hlo_text: str, cache) -> list[str]:
     stacked = {key(a.dtype, a.shape) for a in leaves}
     per_layer = {key(a.dtype, a.shape[1:]) for a in leaves}
     bodies = set(re.findall(r"body=(%[\w.-]+)", hlo_text))
+    if not bodies:
+        raise ValueError("cache_copies_in_loop: no while loop in the HLO text (not a compiled token loop?)")
     comps: dict = {}
     comp, listed = None, []
     for line in hlo_text.splitlines():

@@ -5,8 +5,11 @@ Model-level inference path (pure functions of a `LanguageModel`, usable under ``
 * `prefill` runs the chunked path (SSD / selective scan / causal conv with final states, causal
   attention) over a right-padded prompt batch and returns each row's next-token logits and a
   `jamba_jax.cache.Cache` holding the state after each row's own last prompt token.
-* `decode_step` consumes one token per row through the single-step recurrences and updates the
-  cache in place (``dynamic_update_slice`` / scatter), layers unrolled over `layer_weights`.
+* `decode_step` consumes one token per row through the single-step recurrences, the layers
+  unrolled. The token loop of `generate` / `TokenStream` runs the same step on weights and cache
+  taken apart by layer once (`layer_weights`, `jamba_jax.cache.unstack_cache`): each layer's state
+  is then a loop buffer of its own, replaced in place (the SSM state by the fused kernel on GPUs,
+  a KV slot by a scatter), and nothing is sliced or copied inside the loop.
 
 Ragged batches: prompts are right-padded in ``input_ids`` and ``prompt_lengths`` says where each row
 ends. Causality keeps real tokens from seeing the padding after them; the SSM layers get dt = 0 on
@@ -121,7 +124,7 @@ def layer_weights(model) -> list[list[nnx.State]]:
     each decode step reads every layer's weights where they lie. Sliced out of the stacked arrays
     inside the loop instead, each layer's matrices were copied before their matmul (XLA on GPU does
     not fuse a slice into a cuBLAS operand): on an H100 that tripled the weight traffic of a batch-1
-    step. The price is one copy of the weights for the duration of the call.
+    step. The price is a second copy of the weights while decoding (`TokenStream` keeps it).
     """
     states = [nnx.state(block) for block in model.blocks]
     return [[jax.tree.map(lambda a: a[r], state) for state in states] for r in range(model.repeats)]
@@ -157,8 +160,8 @@ def decode_step(model, tokens: jax.Array, cache: Cache) -> tuple[jax.Array, Cach
     Returns the next-token ``logits (b, vocab)`` float32 and the cache with ``lengths + 1``, every
     array in its own dtype (a bfloat16 SSM state is updated in float32 and stored as bfloat16). A row
     whose length has reached the KV capacity has its new key dropped: size the cache for prompt +
-    new tokens. (`generate`'s token loop keeps weights and cache apart by layer between steps; this
-    single step takes the stacked cache apart and puts it back together.)
+    new tokens. A single step for tests and experiments: it takes the weights and the stacked cache
+    apart and puts the cache back together (copies); `generate` / `TokenStream` do that once.
     """
     logits, flat = _decode_layers(model, tokens, unstack_cache(cache, model.repeats), layer_weights(model))
     return logits, stack_cache(flat, len(model.blocks))
@@ -221,7 +224,8 @@ class GenerationOptions:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DecodeState:
-    """The token loop's carry. ``tokens``: last emitted token per row (the next decode input);
+    """The token loop's carry. ``cache``: unstacked (`jamba_jax.cache.unstack_cache`); ``tokens``: last
+    emitted token per row (the next decode input);
     ``done``: row has emitted eos; ``step``: tokens emitted so far; ``generated (b, max_new_tokens)``
     emitted tokens (``fill`` beyond ``step``)."""
 
@@ -249,27 +253,25 @@ def _start(model, input_ids, lengths, rng, opts: GenerationOptions) -> DecodeSta
     n = opts.max_new_tokens
     logits, cache = prefill(model, input_ids, lengths, max_len=l + n - 1,  # the last token is not fed back
                             state_dtype=opts.state_dtype)
+    cache = unstack_cache(cache, model.repeats)  # the token loop's form, kept between segments
     state = DecodeState(cache=cache, tokens=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool),
                         step=jnp.zeros((), jnp.int32), generated=jnp.full((b, n), opts.fill, jnp.int32), rng=rng)
     return _emit(state, logits, opts)
 
 
-def _advance(model, state: DecodeState, until, opts: GenerationOptions) -> DecodeState:
-    """Decode until ``step == min(until, max_new_tokens)`` or every row is done."""
+def _advance(model, weights, state: DecodeState, until, opts: GenerationOptions) -> DecodeState:
+    """Decode until ``step == min(until, max_new_tokens)`` or every row is done. ``weights``:
+    `layer_weights(model)`, taken once outside the loop; ``state.cache`` is unstacked."""
     until = jnp.minimum(until, opts.max_new_tokens)
 
     def cond(s):
         return (s.step < until) & ~jnp.all(s.done)
 
-    weights = layer_weights(model)  # outside the loop, weights and cache taken apart by layer
-
     def body(s):
         logits, cache = _decode_layers(model, s.tokens, s.cache, weights)
         return _emit(dataclasses.replace(s, cache=cache), logits, opts)
 
-    state = dataclasses.replace(state, cache=unstack_cache(state.cache, model.repeats))
-    state = jax.lax.while_loop(cond, body, state)
-    return dataclasses.replace(state, cache=stack_cache(state.cache, len(model.blocks)))
+    return jax.lax.while_loop(cond, body, state)
 
 
 def _assemble(input_ids, lengths, generated, opts: GenerationOptions) -> jax.Array:
@@ -287,7 +289,7 @@ def _assemble(input_ids, lengths, generated, opts: GenerationOptions) -> jax.Arr
 def _generate_jit(graphdef, params, input_ids, lengths, rng, opts: GenerationOptions):
     model = nnx.merge(graphdef, params)
     state = _start(model, input_ids, lengths, rng, opts)
-    state = _advance(model, state, opts.max_new_tokens, opts)
+    state = _advance(model, layer_weights(model), state, opts.max_new_tokens, opts)
     return _assemble(input_ids, lengths, state.generated, opts)
 
 
@@ -296,9 +298,14 @@ def _start_jit(graphdef, params, input_ids, lengths, rng, opts):
     return _start(nnx.merge(graphdef, params), input_ids, lengths, rng, opts)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4), donate_argnums=(2,))
-def _advance_jit(graphdef, params, state, until, opts):
-    return _advance(nnx.merge(graphdef, params), state, until, opts)
+@functools.partial(jax.jit, static_argnums=(0,))
+def _layer_weights_jit(graphdef, params):
+    return layer_weights(nnx.merge(graphdef, params))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(3,))
+def _advance_jit(graphdef, params, weights, state, until, opts):
+    return _advance(nnx.merge(graphdef, params), weights, state, until, opts)
 
 
 @functools.partial(jax.jit, static_argnums=(3,))
@@ -411,6 +418,7 @@ class TokenStream:
         self.chunk = chunk
         self.graphdef, self.params = nnx.split(model)
         self._start_fn = self._advance_fn = None
+        self.weights = None  # `layer_weights`, taken once by `compile` (a second copy of the weights)
         self.state: DecodeState | None = None
         self.emitted = 0
 
@@ -419,8 +427,9 @@ class TokenStream:
         t0 = time.perf_counter()
         lowered = _start_jit.lower(self.graphdef, self.params, self.ids, self.lengths, self.rng, self.opts)
         self._start_fn = lowered.compile()
-        self._advance_fn = _advance_jit.lower(self.graphdef, self.params, lowered.out_info, jnp.int32(0),
-                                              self.opts).compile()
+        self.weights = _layer_weights_jit(self.graphdef, self.params)
+        self._advance_fn = _advance_jit.lower(self.graphdef, self.params, self.weights, lowered.out_info,
+                                              jnp.int32(0), self.opts).compile()
         return time.perf_counter() - t0
 
     def start_state(self) -> DecodeState:
@@ -433,7 +442,7 @@ class TokenStream:
         """The compiled decode segment up to ``until`` tokens emitted; ``state`` is donated."""
         if self._advance_fn is None:
             self.compile()
-        return self._advance_fn(self.params, state, jnp.int32(until))
+        return self._advance_fn(self.params, self.weights, state, jnp.int32(until))
 
     def start(self) -> np.ndarray:
         """Prefill and the first new token per row, ``(b, 1)``."""

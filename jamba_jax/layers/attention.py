@@ -67,7 +67,7 @@ def _document_ids(segment_ids: jax.Array) -> jax.Array:
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-    """Causal GQA through ``jax.nn.dot_product_attention`` (XLA, or cuDNN where it picks it).
+    """Causal GQA through ``jax.nn.dot_product_attention`` with XLA (cuDNN is `cudnn_attention`).
 
     q ``(b, l, h, d)``, k/v ``(b, l, g, d)`` with ``h % g == 0``; ``segment_ids (b, l)`` restricts
     attention to the same document. Returns ``(b, l, h, d)``.

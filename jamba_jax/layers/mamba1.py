@@ -19,8 +19,8 @@ def selective_scan_step(state: jax.Array, u: jax.Array, delta: jax.Array, A: jax
                         C: jax.Array, D: jax.Array | None = None, z: jax.Array | None = None):
     """One step of the selective scan (the decode counterpart of ``selective_scan``).
 
-    state ``(b, d, n)`` float32; u ``(b, d)``; delta ``(b, d)`` *already* biased / softplus-ed
-    (float32); A ``(d, n)``; B, C ``(b, n)``; D ``(d,)``; z ``(b, d)``.
+    state ``(b, d, n)`` (float32, or bfloat16: computed in float32); u ``(b, d)``; delta ``(b, d)``
+    *already* biased / softplus-ed (float32); A ``(d, n)``; B, C ``(b, n)``; D ``(d,)``; z ``(b, d)``.
     ``state' = exp(delta A) state + delta u B``, ``y = (state' C + D u) silu(z)``.
     Returns ``y (b, d)`` in u.dtype and the new state (float32).
     """

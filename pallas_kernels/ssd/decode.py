@@ -6,8 +6,8 @@ At large batch a Mamba-2 decode step is bound by moving the state: the 2.7B mode
 holds 5.4 GB of bf16 state (10.7 GB float32) against 5.4 GB of weights, so every extra pass over
 the state costs as much as the weights.  The backends:
 
-* ``"xla"``: `ssd_step` in jnp, fused by XLA: the state is read by the update and the new state
-  read again for ``y`` (XLA does not fuse the read-out with the update).
+* ``"xla"``: `ssd_step` in jnp, left to XLA's fusion (the CPU and TPU path; on a GPU it is not
+  measured in this form, see BENCHMARKS.md).
 * ``"pallas_gpu"``: one Triton program per (row, head) loads the (p, n) state once, updates it
   in registers, writes it back into the same buffer (``input_output_aliases``) and reduces ``y``
   from the registers: one read, one write.

@@ -119,7 +119,7 @@ def _unpack(refs, names):
 # chunk; the backward: the same for the state gradient, walking backwards), a tiny XLA chain
 # over the splits turns those into the true state entering each split, and the usual kernel
 # then runs all splits in parallel from those states.
-def split_keep(cfg: pc.Config, P: pc.Prepared, S: int):
+def _split_keep(cfg: pc.Config, P: pc.Prepared, S: int):
     """(b, S, h) float32: what a split does to the state entering it, ``exp(sum of its chunks'
     log-decays)``, or 0 where a segment starts inside the split (the state is reset)."""
     b, h, L = P.cum.shape
@@ -217,7 +217,7 @@ def _split_boundary_states(cfg: pc.Config, P: pc.Prepared, S: int, first, dy=Non
         compiler_params=_params(opt.dstate_warps if reverse else opt.fwd_warps, opt.fwd_stages),
         interpret=opt.interpret, name="ssd_bwd_split_dstate" if reverse else "ssd_fwd_split_state",
     )(*args)
-    return _chain(local, split_keep(cfg, P, S), first, reverse)
+    return _chain(local, _split_keep(cfg, P, S), first, reverse)
 
 
 # --------------------------------------------------------------------------- forward
