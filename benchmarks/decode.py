@@ -303,7 +303,7 @@ XLA_UPDATE = "jamba_jax_xla_update"
 
 def _mamba2_mixers(model):
     from jamba_jax.layers.mamba2 import Mamba2Mixer
-    return [m for _, m in model.iter_modules() if isinstance(m, Mamba2Mixer)]
+    return [m for _, m in nnx.iter_modules(model) if isinstance(m, Mamba2Mixer)]
 
 
 def plan(names: list[str], batches: list[int], state_dtypes: tuple[str, ...], peer: bool,

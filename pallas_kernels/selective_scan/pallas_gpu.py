@@ -58,6 +58,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.gpu_splits import chain_splits, effective_splits, num_sms
+
 from .pallas_common import (
     LN2,
     LOG2E,
@@ -145,14 +147,6 @@ _BWD_REGISTERS = 255
 MIN_CHUNKS_PER_SPLIT = 8
 
 
-def _num_sms() -> int:
-    try:
-        dev = jax.local_devices(backend="gpu")[0]
-        return int(getattr(dev, "core_count", 132) or 132)
-    except RuntimeError:
-        return 132
-
-
 def _resident_warps_per_sm(registers: int) -> int:
     """65536 registers per SM, allocated per warp in multiples of 8 per thread; at most 32
     blocks (here: one-warp programs) per SM."""
@@ -167,20 +161,12 @@ def _auto_splits(warps: int, chunks: int, resident: int) -> int:
     return S
 
 
-def effective_splits(requested: int, chunks: int) -> int:
-    """The largest divisor of ``chunks`` (full checkpoint chunks) not above ``requested``."""
-    S = max(1, min(requested, chunks))
-    while chunks % S:
-        S -= 1
-    return S
-
-
 def default_seq_splits(b: int, l: int, d: int, g: int = 1, config: GpuConfig | None = None):
     """(forward, backward) sequence splits used for a call (the config's, or the heuristic
     above when None), after rounding to a divisor of l // chunk."""
     cfg = config or DEFAULT_CONFIG
     chunks = l // cfg.chunk
-    sms = _num_sms()
+    sms = num_sms()
     fwd_block = largest_pow2_divisor(d // g, cfg.fwd_d_block)
     fwd_regs = _FWD_REGISTERS.get((fwd_block, cfg.unroll, cfg.prefetch_bc), 255)
     out = []
@@ -453,21 +439,13 @@ def _split_alive(keep, st: _Static, S: int):
     return alive
 
 
-def _chain(local, dls, A2, alive, first, reverse):
-    """The state (gradient) at every split boundary, (b, S, n, d), from the zero-start ones.
-
-    local, dls: (b, S-1, n, d), (b, S-1, d) of splits 0 .. S-2 (forward) or 1 .. S-1
-    (reverse); a split carries what crosses it times exp(A * sum of its delta), or 0 when a
-    segment starts inside it.  Forward: enter[0] = first, enter[s+1] = carry[s] enter[s] +
-    local[s].  Reverse: leave[S-1] = first, leave[s-1] = carry[s] leave[s] + local[s]."""
+def _split_carry(dls, A2, alive, reverse):
+    """(b, S-1, n, d): what each split (0 .. S-2 forward, 1 .. S-1 reverse) does to the state
+    crossing it: exp(A * sum of its delta), or 0 when a segment starts inside it.  dls (b, S-1, d)."""
     carry = jnp.exp2(A2[None, None] * dls[:, :, None, :])
     if alive is not None:
         carry = carry * (alive[:, 1:] if reverse else alive[:, :-1])[:, :, None, None]
-    out = [first]
-    order = range(local.shape[1] - 1, -1, -1) if reverse else range(local.shape[1])
-    for k in order:
-        out.append(carry[:, k] * out[-1] + local[:, k])
-    return jnp.stack(out[::-1] if reverse else out, axis=1)
+    return carry
 
 
 def _entering_states(st: _Static, arrays):
@@ -490,7 +468,8 @@ def _entering_states(st: _Static, arrays):
         name="selective_scan_fwd_split_state",
     )(*(x for x, _ in present))
     first = h0 if h0 is not None else jnp.zeros((b, n, d), f32)
-    return _chain(local, dls, A2, _split_alive(keep, st, S), first, reverse=False)
+    carry = _split_carry(dls, A2, _split_alive(keep, st, S), reverse=False)
+    return chain_splits(local, carry, first, reverse=False)
 
 
 def _forward(st: _Static, arrays, save: bool):
@@ -588,7 +567,8 @@ def _leaving_grads(st: _Static, arrays, dy, dfinal):
         interpret=st.interpret,
         name="selective_scan_bwd_split_dstate",
     )(*(x for x, _ in present))
-    return _chain(local, dls, A2, _split_alive(keep, st, S), dfinal, reverse=True)
+    carry = _split_carry(dls, A2, _split_alive(keep, st, S), reverse=True)
+    return chain_splits(local, carry, dfinal, reverse=True)
 
 
 def _bwd_kernel(st: _Static, *refs):

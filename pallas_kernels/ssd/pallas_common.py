@@ -134,7 +134,6 @@ def chunk_forward(x, B, C, dt_col, dt_row, cum_col, cum_row, state, seg, precisi
     state (pb, n) float32 entering the chunk.  Returns (y (T, pb) float32, state leaving).
     """
     op = x.dtype
-    cum_last = last_of_row(cum_row)                                  # (1, 1)
     scores = mm(C, B, "nt", precision) * decay_matrix(cum_col, cum_row, seg) * dt_row
     y = mm(scores.astype(op), x, "nn", precision)                     # intra-chunk
     from_start = _masked(jnp.exp(cum_col), None if seg is None else seg.reach)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.gpu_splits import chain_splits, effective_splits, num_sms
 from pallas_kernels.ssd import pallas_common as pc
 from pallas_kernels.ssd.reference import DEFAULT_DT_LIMIT
 
@@ -67,14 +68,6 @@ def default_block_t(chunk_size: int) -> int:
     return t
 
 
-def _num_sms() -> int:
-    try:
-        dev = jax.local_devices(backend="gpu")[0]
-        return int(getattr(dev, "core_count", 132) or 132)
-    except RuntimeError:
-        return 132
-
-
 def default_options(b, h, p, g, nc, interpret=False) -> GpuOptions:
     """Tuning table / heuristic.  Forward and state sweep: a sequential walk over chunks per
     (batch, head, p-block) program, so aim for >= 1 program per SM: split the sequence (in
@@ -83,7 +76,7 @@ def default_options(b, h, p, g, nc, interpret=False) -> GpuOptions:
 
     H100 sweep (BENCHMARKS.md, T = 64, p = 64): b h = 64 (l = 16384) is fastest at S = 4
     (S = 8, 16 and p-blocks of 32 slower); b h = 256, 320, 640 at S = 1 (S = 2, 4 slower)."""
-    sms = _num_sms()
+    sms = num_sms()
     S = 1
     while b * h * S < sms and nc % (2 * S) == 0 and nc // (2 * S) >= 8:
         S *= 2
@@ -93,14 +86,6 @@ def default_options(b, h, p, g, nc, interpret=False) -> GpuOptions:
     while b * nc * g * splits < 4 * sms and r % (splits * 2) == 0 and r // (splits * 2) >= 2:
         splits *= 2
     return GpuOptions(block_p=pb, head_splits=splits, seq_splits=S, interpret=interpret)
-
-
-def effective_splits(opt: GpuOptions, nc: int) -> int:
-    """The largest divisor of the chunk count ``nc`` not above ``opt.seq_splits``."""
-    S = max(1, min(opt.seq_splits, nc))
-    while nc % S:
-        S -= 1
-    return S
 
 
 def _params(warps, stages):
@@ -131,21 +116,6 @@ def _split_keep(cfg: pc.Config, P: pc.Prepared, S: int):
         sid_end = P.sid[:, ncs * T - 1::ncs * T]                        # (b, S)
         keep = jnp.where((sid_end == P.sid_prev[:, ::ncs])[:, :, None], keep, 0.0)
     return keep
-
-
-def _chain(local, keep, first, reverse):
-    """The state at every split boundary from the zero-start ones (all (b, S', h, p, n)).
-
-    Forward: entering[0] = first, entering[s + 1] = keep[s] entering[s] + local[s]  (local of
-    splits 0 .. S-2).  Reverse (state gradients): leaving[S-1] = first, leaving[s - 1] =
-    keep[s] leaving[s] + local[s]  (local of splits 1 .. S-1).  Returns (b, S, h, p, n).
-    """
-    S = keep.shape[1]
-    out = [first]
-    for i in range(S - 1):
-        s = S - 1 - i if reverse else i
-        out.append(keep[:, s, :, None, None] * out[-1] + local[:, s - 1 if reverse else s])
-    return jnp.stack(out[::-1] if reverse else out, axis=1)
 
 
 def _specs(cfg: pc.Config, P: pc.Prepared, pb: int, ncs: int, split_of=lambda s: s):
@@ -217,7 +187,9 @@ def _split_boundary_states(cfg: pc.Config, P: pc.Prepared, S: int, first, dy=Non
         compiler_params=_params(opt.dstate_warps if reverse else opt.fwd_warps, opt.fwd_stages),
         interpret=opt.interpret, name="ssd_bwd_split_dstate" if reverse else "ssd_fwd_split_state",
     )(*args)
-    return _chain(local, _split_keep(cfg, P, S), first, reverse)
+    keep = _split_keep(cfg, P, S)
+    keep = (keep[:, 1:] if reverse else keep[:, :-1])[:, :, :, None, None]
+    return chain_splits(local, keep, first, reverse)
 
 
 # --------------------------------------------------------------------------- forward
@@ -259,7 +231,7 @@ def forward(cfg: pc.Config, P: pc.Prepared, save: bool):
     n = P.B.shape[-1]
     T, pb = cfg.block_t, opt.block_p
     nc = L // T
-    S = effective_splits(opt, nc)
+    S = effective_splits(opt.seq_splits, nc)
     ncs = nc // S
     init = P.init
     if S > 1:
@@ -338,7 +310,7 @@ def backward_dstates(cfg: pc.Config, P: pc.Prepared, dy, dfinal):
     n = P.B.shape[-1]
     pb = opt.block_p
     nc = L // cfg.block_t
-    S = effective_splits(opt, nc)
+    S = effective_splits(opt.seq_splits, nc)
     ncs = nc // S
     dleave = (_split_boundary_states(cfg, P, S, dfinal, dy=dy) if S > 1
               else dfinal[:, None])                                      # (b, S, h, p, n)
