@@ -203,10 +203,11 @@ def test_nan_stops_without_poisoned_checkpoint(tmp_path, env, reference):
                          ids=["fsdp4-tensor2", "data2-expert4"])
 def test_eight_devices_match_one(tmp_path, env, reference, mesh):
     _, ref = reference
-    train(tmp_path / "run", cli(**FIRST_STEPS, **mesh), env,
+    train(tmp_path / "run", cli(**FIRST_STEPS, **mesh, checkpoints="false"), env,
           extra_env={"XLA_FLAGS": f"{FAST_COMPILE} --xla_force_host_platform_device_count=8"})
     result = losses(tmp_path / "run")
     assert sorted(result) == [1, 2, 3, 4]
+    assert steps_on_disk(tmp_path / "run") == []  # checkpoints=false: not even the last step
     assert_close(result, ref, 1e-5)
 
 

@@ -151,7 +151,7 @@ SCHEMA: dict[str, Callable[[Any], str | None]] = {
     "schedule_steps": _opt_positive_int, "weight_decay": _nonneg,
     "decay_embeddings": _bool, "b1": _beta, "b2": _beta, "eps": _positive, "grad_clip": _nonneg,
     "on_nan": _choice("stop", "skip"),
-    "checkpoint_every": _nonneg_int, "keep_checkpoints": _positive_int, "async_checkpointing": _bool,
+    "checkpoints": _bool, "checkpoint_every": _nonneg_int, "keep_checkpoints": _positive_int, "async_checkpointing": _bool,
     "log_every": _positive_int, "eval_every": _nonneg_int, "eval_batches": _nonneg_int, "tensorboard": _bool,
     "progress": _bool, "sample_prompt": _str, "sample_tokens": _nonneg_int,
     "data.source": _choice("stdlib", "text", "jsonl", "array_record"), "data.path": _opt_str,
@@ -322,6 +322,7 @@ class TrainConfig:
     eps: float
     grad_clip: float
     on_nan: str
+    checkpoints: bool
     checkpoint_every: int
     keep_checkpoints: int
     async_checkpointing: bool

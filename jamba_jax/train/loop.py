@@ -475,7 +475,7 @@ def run(cfg: TrainConfig, workdir: str) -> int:
             if not drain(keep_last=True):
                 break
             preempted = stop.signal is not None or (jax.process_count() > 1 and ckpt.reached_preemption(step))
-            if ckpt.due(step) or step == cfg.steps or preempted:
+            if cfg.checkpoints and (ckpt.due(step) or step == cfg.steps or preempted):
                 if not drain(keep_last=False):
                     break
                 ckpt.save(step, state, data_iter, force=True)
@@ -484,8 +484,9 @@ def run(cfg: TrainConfig, workdir: str) -> int:
                 do_eval(step, "during")
                 clock["t"] = time.perf_counter()
             if preempted:
-                echo(f"stopping at step {step} ({stop.signal or 'preemption'}): checkpoint saved in {ckpt_dir}; "
-                     "run the same command again to resume")
+                echo(f"stopping at step {step} ({stop.signal or 'preemption'}): "
+                     + (f"checkpoint saved in {ckpt_dir}; run the same command again to resume" if cfg.checkpoints
+                        else "checkpoints=false, so nothing was saved"))
                 break
         else:
             drain(keep_last=False)
