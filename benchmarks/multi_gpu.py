@@ -214,7 +214,9 @@ def main(argv=None):
     flops_per_tok = sum(flops_per_token(cfg.model, args.seq_len).values())
     peak = None if args.small else peak_flops(device, args.peak_tflops)
     global_batch = args.per_gpu_batch * n
-    shared = [f"seq_len={args.seq_len}", f"batch_size={global_batch}", f"steps={args.steps}"]
+    # The preset's peak learning rate after 2 warm-up steps, so that the losses move within the run.
+    shared = [f"seq_len={args.seq_len}", f"batch_size={global_batch}", f"steps={args.steps}", "warmup_steps=2",
+              f"schedule_steps={args.steps}"]
     budget = Budget(args.budget)
     print(f"[{budget.elapsed():6.1f}s] {n} x {device}; {args.config.name}: {flops_per_tok / 1e9:.2f} GFLOP/token; "
           f"global batch {global_batch} x {args.seq_len}, {args.steps} steps per run, budget {args.budget:.0f} s",
