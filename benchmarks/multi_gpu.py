@@ -17,7 +17,7 @@ evaluation, no sample, ``checkpoints=false``), in this order:
 
 Every run starts from the same initialisation and reads the same batches, so its losses must equal
 the baseline's: the table gives the largest relative difference over the first ``--compare-steps``
-steps. Tokens/s is ``train.py``'s own figure (``tokens_per_sec`` in ``metrics.jsonl``: tokens between
+steps and over all of them. Tokens/s is ``train.py``'s own figure (``tokens_per_sec`` in ``metrics.jsonl``: tokens between
 two log lines over the wall time between them), the median of the steps after ``--warmup`` steps;
 per GPU it is divided by the run's GPUs, and "scaling" is that over the baseline's. MFU uses the
 model FLOPs of ``benchmarks/train_throughput.py`` and the device's dense bf16 peak.
@@ -146,14 +146,18 @@ def train_run(name: str, overrides: list[str], env: dict, args, out: Path | None
     result["losses"] = {s: steps[s]["loss"] for s in sorted(steps)}
     rates = [steps[s]["tokens_per_sec"] for s in sorted(steps) if s > args.warmup and "tokens_per_sec" in steps[s]]
     if status != "exit 0" or not rates:
-        result["error"] = status + ("" if rates else "; no timed steps") + "\n" + "\n".join(log.splitlines()[-15:])
+        errors = [line for line in log.splitlines() if "Error" in line or "error:" in line]
+        result["error"] = status + ("" if rates else "; no timed steps") + "\n" + "\n".join(
+            errors[-4:] or log.splitlines()[-15:])
     if rates:
         result["tokens_per_s"] = statistics.median(rates)
     return result
 
 
-def compare(result: dict, baseline: dict, steps: int) -> float | None:
-    common = [s for s in baseline.get("losses", {}) if s in result.get("losses", {}) and s <= steps]
+def compare(result: dict, baseline: dict, steps: int | None = None) -> float | None:
+    """Largest relative difference of ``result``'s losses from ``baseline``'s over steps 1..``steps``
+    (all steps both logged when None)."""
+    common = [s for s in baseline.get("losses", {}) if s in result.get("losses", {}) and (steps is None or s <= steps)]
     if not common:
         return None
     return max(abs(result["losses"][s] - baseline["losses"][s]) / abs(baseline["losses"][s]) for s in common)
@@ -161,7 +165,7 @@ def compare(result: dict, baseline: dict, steps: int) -> float | None:
 
 def table(results: list[dict], baseline: dict | None, flops_per_tok: float, peak: float | None, args) -> str:
     lines = ["| layout | GPUs | global batch (accum) | step ms | tokens/s | tokens/s per GPU | scaling | MFU "
-             f"| max loss rel. diff, steps 1-{args.compare_steps} | compile s |",
+             f"| max loss rel. diff vs 1 GPU, steps 1-{args.compare_steps} / 1-{args.steps} | compile s |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     base_per_gpu = baseline["tokens_per_s"] / baseline["gpus"] if baseline and "tokens_per_s" in baseline else None
     for r in results:
@@ -173,8 +177,8 @@ def table(results: list[dict], baseline: dict | None, flops_per_tok: float, peak
         step_ms = 1e3 * r["batch"] * args.seq_len / r["tokens_per_s"]
         mfu = f"{100 * per_gpu * flops_per_tok / peak:.1f}%" if peak else "-"
         scaling = f"{per_gpu / base_per_gpu:.3f}" if base_per_gpu else "-"
-        diff = compare(r, baseline, args.compare_steps) if baseline and r is not baseline else None
-        diff_text = "(reference)" if r is baseline else (f"{diff:.1e}" if diff is not None else "-")
+        diffs = [compare(r, baseline, n) if baseline and r is not baseline else None for n in (args.compare_steps, None)]
+        diff_text = "(reference)" if r is baseline else " / ".join(f"{d:.1e}" if d is not None else "-" for d in diffs)
         lines.append(f"| {r['name']} | {r['gpus']} | {r['batch']} ({r['accum']}) | {step_ms:.1f} | "
                      f"{r['tokens_per_s']:,.0f} | {per_gpu:,.0f} | {scaling} | {mfu} | {diff_text} | "
                      f"{r.get('compile_s', float('nan')):.0f} |")
@@ -193,7 +197,8 @@ def main(argv=None):
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the tokens/s median")
-    parser.add_argument("--compare-steps", type=int, default=10, help="steps whose losses must match the baseline")
+    parser.add_argument("--compare-steps", type=int, default=5,
+                        help="the first steps, whose losses must match the baseline's (all steps are compared too)")
     parser.add_argument("--budget", type=float, default=540.0, help="seconds for the whole script")
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--small", action="store_true",

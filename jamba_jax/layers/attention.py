@@ -19,7 +19,7 @@ from flax import nnx
 
 from jamba_jax.cache import KVCache
 from jamba_jax.config import AttentionConfig
-from jamba_jax.layers.common import dense
+from jamba_jax.layers.common import constrain, dense, logical_sharding
 from jamba_jax.ops import segment_starts
 
 log = logging.getLogger("jamba_jax")
@@ -131,7 +131,13 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
     otherwise. Inputs cuDNN cannot take (float32, head dims over 256 or not a multiple of 8, no
     cuDNN) go to ``xla_attention`` instead.
     """
-    if _cudnn_supported(q, k):
+    # cuDNN's partitioner wants q, k and v sharded alike: pin them (under a trainer's mesh) where the
+    # logical-axis table places them alike, else (kv heads that the tensor axis does not divide) XLA.
+    q_names, kv_names = ("batch", None, "heads", None), ("batch", None, "kv_heads", None)
+    shardings = [logical_sharding(q, q_names), logical_sharding(k, kv_names)]
+    placed_alike = shardings[0] is None or shardings[0].is_equivalent_to(shardings[1], q.ndim)
+    if _cudnn_supported(q, k) and placed_alike:
+        q, k, v = constrain(q, q_names), constrain(k, kv_names), constrain(v, kv_names)
         try:
             jax.eval_shape(_flash, *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k, v)))  # cuDNN's checks
         except (NotImplementedError, ValueError, RuntimeError, TypeError) as e:

@@ -7,6 +7,9 @@ dt_rank, expert, layers`` (the stacked/scanned layer axis).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -23,6 +26,37 @@ def param(rngs: nnx.Rngs | None, init, shape, names: tuple[str | None, ...], dty
     """A parameter with logical axis names; ``rngs=None`` for deterministic initializers."""
     key = rngs.params() if rngs is not None else jax.random.key(0)
     return nnx.Param(init(key, shape, dtype), out_sharding=names, eager_sharding=False)
+
+
+#: Set by `activation_sharding`: logical names and shape of an activation -> its ``NamedSharding``.
+_activation_sharding: Callable[[Sequence[str | None], Sequence[int]], jax.sharding.Sharding] | None = None
+
+
+@contextlib.contextmanager
+def activation_sharding(rule: Callable[[Sequence[str | None], Sequence[int]], jax.sharding.Sharding]):
+    """While tracing inside this context, `logical_sharding` and `constrain` place activations by
+    ``rule`` (a trainer passes its mesh's logical-axis table: `jamba_jax.train.sharding`)."""
+    global _activation_sharding
+    previous, _activation_sharding = _activation_sharding, rule
+    try:
+        yield
+    finally:
+        _activation_sharding = previous
+
+
+def logical_sharding(x: jax.Array, names: Sequence[str | None]) -> jax.sharding.Sharding | None:
+    """The sharding an activation with logical axis ``names`` gets (None outside `activation_sharding`)."""
+    return None if _activation_sharding is None else _activation_sharding(names, x.shape)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Pin ``x`` to its logical axes' sharding inside `activation_sharding`; ``x`` itself outside.
+
+    Only where a kernel needs its operands placed alike (cuDNN attention's partitioner does): XLA's
+    propagation places everything else.
+    """
+    sharding = logical_sharding(x, names)
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
 def dense(d_in: int, d_out: int, names: tuple[str | None, str | None], *, bias: bool = False,

@@ -236,7 +236,8 @@ class Trainer:
         jitted = jax.jit(self.train_step, in_shardings=(self.state_sharding, self.batch_sharding),
                          out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
         t0 = time.perf_counter()
-        compiled = jitted.lower(self.state_target, self.abstract_batch()).compile()
+        with shd.activation_sharding(self.mesh, self.rules):
+            compiled = jitted.lower(self.state_target, self.abstract_batch()).compile()
         log.info("train step compiled in %.1f s", time.perf_counter() - t0)
         try:
             mem = compiled.memory_analysis()
@@ -276,7 +277,8 @@ class Trainer:
                 out_shardings=self.replicated)
         totals = {"nats": 0.0, "tokens": 0.0, "bytes": 0.0}
         for batch in batches:
-            sums = jax.device_get(self._eval_fn(state["params"], state.get("buffers"), batch))
+            with shd.activation_sharding(self.mesh, self.rules):  # traced at the first call
+                sums = jax.device_get(self._eval_fn(state["params"], state.get("buffers"), batch))
             for key in totals:
                 totals[key] += float(sums[key])
         out = {"eval_loss": totals["nats"] / max(totals["tokens"], 1.0)}

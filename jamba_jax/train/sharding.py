@@ -11,6 +11,7 @@ vocabulary of 257 over ``tensor=2``, say), and a mesh axis is used at most once 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Mapping, Sequence
@@ -20,6 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from jamba_jax.layers import common
 from jamba_jax.train.config import MESH_AXES, MeshConfig
 
 log = logging.getLogger("jamba_jax.train")
@@ -58,6 +60,15 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], rules: Ru
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return P(*spec)
+
+
+def activation_sharding(mesh: Mesh, rules: Rules):
+    """Context for tracing a model under ``mesh``: activations that the layers pin by logical names
+    (`jamba_jax.layers.common.constrain`) take ``rules``' placement; nothing to do on one device."""
+    if mesh.size == 1:
+        return contextlib.nullcontext()
+    return common.activation_sharding(
+        lambda names, shape: NamedSharding(mesh, logical_to_spec(names, shape, rules, mesh, what="activation")))
 
 
 def _path_str(path) -> str:
