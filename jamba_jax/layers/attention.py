@@ -15,11 +15,12 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 from flax import nnx
 
 from jamba_jax.cache import KVCache
 from jamba_jax.config import AttentionConfig
-from jamba_jax.layers.common import constrain, dense, logical_sharding
+from jamba_jax.layers.common import dense, logical_sharding
 from jamba_jax.ops import segment_starts
 
 log = logging.getLogger("jamba_jax")
@@ -120,24 +121,54 @@ def _flash(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
 
+def _cudnn_local(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    """cuDNN on arrays of one device: a ``lax.cond`` sends rows that are not all one document to
+    `blockwise_masked_attention` (cuDNN's causal kernel takes no document mask)."""
+    if segment_ids is None:
+        return _flash(q, k, v)
+    one_document = jnp.all(segment_ids == segment_ids[:, :1])
+    return jax.lax.cond(one_document, lambda: _flash(q, k, v),
+                        lambda: blockwise_masked_attention(q, k, v, segment_ids).astype(q.dtype))
+
+
+#: Logical axes of attention's operands (``(b, l, heads, head_dim)``), for `per_device`.
+Q_AXES, KV_AXES = ("batch", None, "heads", None), ("batch", None, "kv_heads", None)
+
+
+def per_device(attention, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None):
+    """``attention(q, k, v, segment_ids)`` on each device's rows and heads under a trainer's mesh
+    (`jamba_jax.layers.common.activation_sharding`), called directly outside one.
+
+    cuDNN attention's own partitioner needs q, k and v sharded alike and refuses what XLA's
+    propagation gives it in the backward pass; inside ``shard_map`` there is nothing to partition.
+    Returns None where the logical-axis table places q and k/v differently (a tensor axis that
+    divides the query heads but not the kv heads): the caller then takes another path.
+    """
+    q_sharding, kv_sharding = logical_sharding(q, Q_AXES), logical_sharding(k, KV_AXES)
+    if q_sharding is None:
+        return attention(q, k, v, segment_ids)
+    spec = q_sharding.spec
+    if spec != kv_sharding.spec:
+        return None
+    if segment_ids is None:
+        return jax.shard_map(lambda q, k, v: attention(q, k, v, None), mesh=q_sharding.mesh,
+                             in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
+    return jax.shard_map(attention, mesh=q_sharding.mesh, in_specs=(spec,) * 3 + (P(spec[0], None),),
+                         out_specs=spec, check_vma=False)(q, k, v, segment_ids)
+
+
 _warned: set[str] = set()
 
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
     """Causal GQA through cuDNN flash attention (GPU), same contract as ``xla_attention``.
 
-    cuDNN's causal kernel takes no document mask, so with ``segment_ids`` a ``lax.cond`` runs it
-    when every row is one document (ids constant along the row) and `blockwise_masked_attention`
-    otherwise. Inputs cuDNN cannot take (float32, head dims over 256 or not a multiple of 8, no
-    cuDNN) go to ``xla_attention`` instead.
+    Packed rows (``segment_ids`` not constant along a row) take `blockwise_masked_attention`; under
+    a trainer's mesh each device runs its own shard (`per_device`). Inputs cuDNN cannot take
+    (float32, head dims over 256 or not a multiple of 8, no cuDNN) or cannot be placed alike go to
+    ``xla_attention`` instead.
     """
-    # cuDNN's partitioner wants q, k and v sharded alike: pin them (under a trainer's mesh) where the
-    # logical-axis table places them alike, else (kv heads that the tensor axis does not divide) XLA.
-    q_names, kv_names = ("batch", None, "heads", None), ("batch", None, "kv_heads", None)
-    shardings = [logical_sharding(q, q_names), logical_sharding(k, kv_names)]
-    placed_alike = shardings[0] is None or shardings[0].is_equivalent_to(shardings[1], q.ndim)
-    if _cudnn_supported(q, k) and placed_alike:
-        q, k, v = constrain(q, q_names), constrain(k, kv_names), constrain(v, kv_names)
+    if _cudnn_supported(q, k):
         try:
             jax.eval_shape(_flash, *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k, v)))  # cuDNN's checks
         except (NotImplementedError, ValueError, RuntimeError, TypeError) as e:
@@ -145,11 +176,9 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
                 _warned.add(str(e))
                 log.warning("cuDNN attention unavailable (%s): using XLA attention", e)
         else:
-            if segment_ids is None:
-                return _flash(q, k, v)
-            one_document = jnp.all(segment_ids == segment_ids[:, :1])
-            return jax.lax.cond(one_document, lambda: _flash(q, k, v),
-                                lambda: blockwise_masked_attention(q, k, v, segment_ids).astype(q.dtype))
+            out = per_device(_cudnn_local, q, k, v, segment_ids)
+            if out is not None:
+                return out
     return xla_attention(q, k, v, segment_ids)
 
 

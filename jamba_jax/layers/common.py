@@ -34,8 +34,9 @@ _activation_sharding: Callable[[Sequence[str | None], Sequence[int]], jax.shardi
 
 @contextlib.contextmanager
 def activation_sharding(rule: Callable[[Sequence[str | None], Sequence[int]], jax.sharding.Sharding]):
-    """While tracing inside this context, `logical_sharding` and `constrain` place activations by
-    ``rule`` (a trainer passes its mesh's logical-axis table: `jamba_jax.train.sharding`)."""
+    """While tracing inside this context, `logical_sharding` places activations by ``rule`` (a
+    trainer passes its mesh's logical-axis table: `jamba_jax.train.sharding.activation_sharding`)
+    for the layers that must know it (`jamba_jax.layers.attention.per_device`)."""
     global _activation_sharding
     previous, _activation_sharding = _activation_sharding, rule
     try:
@@ -47,16 +48,6 @@ def activation_sharding(rule: Callable[[Sequence[str | None], Sequence[int]], ja
 def logical_sharding(x: jax.Array, names: Sequence[str | None]) -> jax.sharding.Sharding | None:
     """The sharding an activation with logical axis ``names`` gets (None outside `activation_sharding`)."""
     return None if _activation_sharding is None else _activation_sharding(names, x.shape)
-
-
-def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-    """Pin ``x`` to its logical axes' sharding inside `activation_sharding`; ``x`` itself outside.
-
-    Only where a kernel needs its operands placed alike (cuDNN attention's partitioner does): XLA's
-    propagation places everything else.
-    """
-    sharding = logical_sharding(x, names)
-    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
 def dense(d_in: int, d_out: int, names: tuple[str | None, str | None], *, bias: bool = False,

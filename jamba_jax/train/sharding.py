@@ -63,8 +63,8 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], rules: Ru
 
 
 def activation_sharding(mesh: Mesh, rules: Rules):
-    """Context for tracing a model under ``mesh``: activations that the layers pin by logical names
-    (`jamba_jax.layers.common.constrain`) take ``rules``' placement; nothing to do on one device."""
+    """Context for tracing a model under ``mesh``: layers that ask where an activation lies
+    (`jamba_jax.layers.common.logical_sharding`) get ``rules``' placement; nothing to do on one device."""
     if mesh.size == 1:
         return contextlib.nullcontext()
     return common.activation_sharding(
