@@ -86,7 +86,7 @@ YARDSTICK_FACTOR = 1.5
 HIDDEN_STATES_LAYOUT = {
     "mamba": (1, False),
     "falcon_mamba": (1, False),
-    "mamba2": (1, False),
+    "mamba2": (1, True),
     "jamba": (2, True),
     "bamba": (2, True),
     "nemotron_h": (1, True),

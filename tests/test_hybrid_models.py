@@ -107,7 +107,7 @@ def test_config_mapping(checkpoints):
     assert set(checkpoints("jamba_dense")[2].config.layers[1::2]) == {"mlp"}
     nemo = checkpoints("nemotron_h_moe")[2].config
     assert nemo.layers == jamba_jax.config.layers_from_pattern("M-M*EM-E")
-    assert nemo.mamba2.dt_limit == (0.3, float("inf"))  # transformers clamps dt at time_step_min
+    assert nemo.mamba2.dt_limit == (0.0, float("inf"))  # time_step_min=0.3 only initialises dt_bias
     assert (nemo.moe.n_groups, nemo.moe.top_k_groups, nemo.moe.shared_d_ff) == (4, 2, 20)
     bamba = checkpoints("bamba_quarter_rope")[2].config
     assert bamba.attention.rope.fraction == 0.25 and bamba.tie_embeddings

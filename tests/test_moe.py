@@ -235,3 +235,75 @@ def test_mlp_matches_nemotron_h_mlp(bias):
     with torch.no_grad():
         ref = ref_mlp(_t(x)).numpy()
     assert rel_l2(mlp(x), ref) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------ under a mesh
+MESH_SCRIPT = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import sys
+sys.path.insert(0, {root!r})
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jamba_jax.config import MoEConfig
+from jamba_jax.layers import moe as moe_lib
+from jamba_jax.layers.common import activation_sharding
+from jamba_jax.train.config import MeshConfig, load_config
+from jamba_jax.train.sharding import logical_to_spec, make_mesh, state_shardings
+
+rules = load_config(None, []).rules  # the trainer's default table: batch over data, fsdp, expert
+rng = np.random.default_rng(0)
+rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+seen = []
+grouped = moe_lib.grouped_experts
+
+def recording(x, *args, **kw):  # the rows and experts each device's grouped compute gets
+    seen.append((x.shape[0], args[3].shape[0]))  # batch rows, experts held
+    return grouped(x, *args, **kw)
+
+moe_lib.grouped_experts = recording
+for cfg in (MoEConfig(n_experts=8, top_k=2, d_ff=32),
+            MoEConfig(n_experts=8, top_k=3, d_ff=32, router="sigmoid", normalize_top_k=True, n_groups=4,
+                      top_k_groups=2, activation="relu2", shared_d_ff=16)):
+    moe = nnx.eval_shape(lambda: moe_lib.MoE(cfg, 16, rngs=nnx.Rngs(0)))
+    for _, var in nnx.iter_graph(moe):
+        if isinstance(var, nnx.Variable):
+            var.set_value(jnp.asarray(rng.normal(0.0, 0.3, var.shape), var.dtype))
+    graphdef, params, rest = nnx.split(moe, nnx.Param, ...)
+    x = jnp.asarray(rng.normal(size=(8, 12, 16)), jnp.float32)
+    ct = jnp.asarray(rng.normal(size=(8, 12, 16)), jnp.float32)
+
+    def loss(params, x):
+        y, aux = nnx.merge(graphdef, params, rest)(x)
+        return jnp.sum(y * ct) + aux["load_balancing_loss"] + 0.1 * aux["router_z_loss"]
+
+    want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+    for shape, rows, experts in (((2, 2, 2, 1), 2, 8), ((2, 1, 1, 4), 4, 2), ((1, 1, 2, 4), 8, 2)):
+        mesh = make_mesh(MeshConfig(*shape))
+        placed = jax.device_put(params, state_shardings(params, mesh, rules))
+        rule = lambda names, shape: NamedSharding(mesh, logical_to_spec(names, shape, rules, mesh))
+        seen.clear()
+        with activation_sharding(rule):
+            got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(placed, x)
+        assert seen == [(rows, experts)], (shape, seen)
+        errs = [rel(got[0], want[0])] + [rel(a, b) for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]))]
+        assert max(errs) < 1e-5, (shape, errs)
+print("ok")
+"""
+
+
+def test_moe_under_a_mesh_matches_one_device(tmp_path):
+    """Under a trainer's mesh (8 simulated CPU devices) each device routes its own rows through the
+    experts it holds: data + FSDP + tensor, data + expert, tensor + expert (tokens gathered over the
+    expert axis). Values and the gradients of every weight and of x equal the unsharded layer's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "moe_mesh.py"
+    script.write_text(MESH_SCRIPT.format(root=str(Path(__file__).resolve().parents[1])))
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stdout[-2000:] + p.stderr[-4000:]

@@ -274,8 +274,9 @@ def _nemotron_from_hf(hf: dict) -> ModelConfig:
                       d_conv=get("conv_kernel", "mamba_d_conv", 4),
                       conv_bias=get("use_conv_bias", "mamba_conv_bias", True),
                       proj_bias=hf.get("use_bias", False), chunk_size=get("chunk_size", "mamba_chunk_size", 128),
-                      # transformers 5.x clamps dt to [time_step_min, inf) and ignores time_step_limit
-                      dt_limit=(get("time_step_min", "mamba_dt_min", 0.001), math.inf), norm_eps=eps)
+                      # time_step_min / time_step_max only set dt_bias at initialisation (transformers
+                      # >= 5.25, as NVIDIA's Megatron / mamba_ssm); earlier 5.x releases clamped dt at time_step_min
+                      dt_limit=tuple(hf.get("time_step_limit") or (0.0, math.inf)), norm_eps=eps)
     heads = hf.get("num_attention_heads", 32)
     head_dim = hf.get("head_dim", 128)
     att = AttentionConfig(n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
@@ -312,12 +313,9 @@ def _nemotron_to_hf(cfg: ModelConfig) -> dict:
     if "mamba2" in kinds:
         m2 = cfg.mamba2
         _rms_eps_check(cfg, "nemotron_h", m2, "mamba2")
-        if m2.dt_limit[1] != math.inf:
-            raise ValueError(f"nemotron_h clamps dt to [time_step_min, inf): mamba2.dt_limit={m2.dt_limit} "
-                             "needs an infinite upper bound")
         hf.update(mamba_num_heads=m2.n_heads, mamba_head_dim=m2.head_dim, ssm_state_size=m2.d_state,
                   n_groups=m2.n_groups, conv_kernel=m2.d_conv, use_conv_bias=m2.conv_bias, use_bias=m2.proj_bias,
-                  chunk_size=m2.chunk_size, time_step_min=m2.dt_limit[0], mamba_hidden_act="silu")
+                  chunk_size=m2.chunk_size, time_step_limit=list(m2.dt_limit), mamba_hidden_act="silu")
         if m2.d_inner % cfg.d_model == 0:
             hf["expand"] = m2.d_inner // cfg.d_model  # informational: the mixer sizes from heads * head_dim
     if "attention" in kinds:

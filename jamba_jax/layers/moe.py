@@ -2,8 +2,9 @@
 
 Expert compute is grouped: each token is repeated ``top_k`` times, the (token, slot) rows are sorted by
 expert and fed through ``jax.lax.ragged_dot`` with ``group_sizes`` = rows per expert, so no token is
-ever dropped and no capacity padding is needed. ``impl="dense"`` runs every expert on every token
-(einsum) and is kept as a numerical reference.
+ever dropped and no capacity padding is needed. Under a trainer's mesh the sort stays on each device
+(`MoE._experts_ragged`: ``jax.shard_map`` over the batch, with tensor- and expert-parallel weights).
+``impl="dense"`` runs every expert on every token (einsum) and is kept as a numerical reference.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from jamba_jax.config import MLPConfig, MoEConfig
-from jamba_jax.layers.common import GATED_ACTIVATIONS, activation, default_kernel_init, dense, param
+from jamba_jax.layers.common import GATED_ACTIVATIONS, activation, default_kernel_init, dense, logical_sharding, param
 from jamba_jax.layers.mlp import MLP
 
 Impl = Literal["ragged", "dense"]
@@ -80,6 +82,38 @@ def router_aux_losses(logits: jax.Array, experts: jax.Array, n_experts: int) -> 
     return {"load_balancing_loss": lb, "router_z_loss": z}
 
 
+def grouped_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, gate: jax.Array | None, up: jax.Array,
+                    down: jax.Array, act, *, first_expert=0) -> jax.Array:
+    """Dropless grouped expert compute: ``x`` ``(..., d)``, ``weights`` / ``experts`` ``(..., k)`` ->
+    ``(..., d)`` float32, the routed experts' outputs weighted and summed per token.
+
+    ``gate`` (None for ungated activations) and ``up`` ``(E_local, d, f)``, ``down`` ``(E_local, f, d)``
+    hold experts ``first_expert .. first_expert + E_local - 1``; slots routed to other experts add
+    nothing (sorted past the last group, where ``ragged_dot`` writes zeros).
+    """
+    lead, d, k = x.shape[:-1], x.shape[-1], experts.shape[-1]
+    x, weights, experts = x.reshape(-1, d), weights.reshape(-1, k), experts.reshape(-1)  # slot r: token r // k
+    n_local = up.shape[0]
+    slot_expert = experts - first_expert
+    held = (slot_expert >= 0) & (slot_expert < n_local)
+    slot_expert = jnp.where(held, slot_expert, n_local)
+    order = jnp.argsort(slot_expert, stable=True)
+    group_sizes = jnp.bincount(slot_expert, length=n_local + 1)[:n_local].astype(jnp.int32)
+    xs = jnp.take(x, order // k, axis=0)  # (T*k, d) sorted by expert
+    h = jax.lax.ragged_dot(xs, up, group_sizes)
+    h = act(jax.lax.ragged_dot(xs, gate, group_sizes)) * h if gate is not None else act(h)
+    ys = jax.lax.ragged_dot(h, down, group_sizes)  # (T*k, d) sorted
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    y = jnp.take(ys, inverse, axis=0).reshape(-1, k, d).astype(jnp.float32)
+    weights = jnp.where(held.reshape(-1, k), weights, 0.0)
+    return jnp.einsum("tkd,tk->td", y, weights).reshape(*lead, d)
+
+
+def _axis_tuple(entry) -> tuple[str, ...]:
+    """Mesh axes of one ``PartitionSpec`` entry."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 class MoE(nnx.Module):
     """Dropless top-k MoE sublayer, optionally with a shared expert added to the routed output.
 
@@ -126,21 +160,45 @@ class MoE(nnx.Module):
         gate = self.gate_proj[...].astype(self.dtype) if self.gated else None
         return gate, self.up_proj[...].astype(self.dtype), self.down_proj[...].astype(self.dtype)
 
-    def _experts_ragged(self, x2, weights, experts):
-        """Grouped compute: ``(T, d)`` tokens, ``(T, k)`` weights/experts -> ``(T, d)`` float32."""
-        t, k = experts.shape
+    def _experts_ragged(self, x: jax.Array, weights: jax.Array, experts: jax.Array) -> jax.Array:
+        """Grouped compute on each device's own tokens: ``x`` ``(b, l, d)``, ``weights`` /
+        ``experts`` ``(b, l, k)`` -> ``(b, l, d)`` float32.
+
+        Outside a trainer's mesh (`jamba_jax.layers.common.activation_sharding`) this is
+        `grouped_experts` on all tokens. Under one, the sort by expert must not span devices (XLA
+        would gather every token and run the whole layer, and all that follows it, on each device),
+        so it runs inside ``jax.shard_map``: each device routes its batch rows through the experts
+        it holds. Expert weights arrive whole along ``embed`` (FSDP: gathered for the layer), split
+        along ``mlp`` (tensor parallel: partial sums added across devices) and along ``expert``
+        (expert parallel: the tokens of the devices that split the experts are gathered, each device
+        applies its own experts, and the sums are scattered back), as the logical-axis table says.
+        """
         gate, up, down = self._expert_weights()
-        flat = experts.reshape(-1)  # (T*k,) row r = token r // k, slot r % k
-        order = jnp.argsort(flat, stable=True)
-        group_sizes = jnp.bincount(flat, length=self.cfg.n_experts).astype(jnp.int32)
-        xs = jnp.take(x2, order // k, axis=0)  # (T*k, d) sorted by expert
         act = activation(self.activation)
-        h = jax.lax.ragged_dot(xs, up, group_sizes)
-        h = act(jax.lax.ragged_dot(xs, gate, group_sizes)) * h if self.gated else act(h)
-        ys = jax.lax.ragged_dot(h, down, group_sizes)  # (T*k, d) sorted
-        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-        y = jnp.take(ys, inverse, axis=0).reshape(t, k, -1).astype(jnp.float32)
-        return jnp.einsum("tkd,tk->td", y, weights)
+        x_sharding = logical_sharding(x, ("batch", None, None))
+        if x_sharding is None:
+            return grouped_experts(x, weights, experts, gate, up, down, act)
+        mesh, batch_spec = x_sharding.mesh, x_sharding.spec[0]
+        w_spec = logical_sharding(up, ("expert", None, "mlp")).spec
+        expert_axes, mlp_axes = _axis_tuple(w_spec[0]), _axis_tuple(w_spec[2])
+        gathered = tuple(a for a in expert_axes if a in _axis_tuple(batch_spec))
+        summed = tuple(a for a in expert_axes if a not in gathered) + mlp_axes
+        rows = P(batch_spec, None, None)
+
+        def local(x, weights, experts, gate, up, down):
+            b, l, d = x.shape
+            if gathered:
+                x, weights, experts = (jax.lax.all_gather(a, gathered, axis=0, tiled=True)
+                                       for a in (x, weights, experts))
+            first = jax.lax.axis_index(expert_axes) * up.shape[0] if expert_axes else 0
+            y = grouped_experts(x, weights, experts, gate, up, down, act, first_expert=first)
+            if gathered:
+                y = jax.lax.psum_scatter(y, gathered, scatter_dimension=0, tiled=True)
+            return jax.lax.psum(y, summed) if summed else y
+
+        in_specs = (rows, rows, rows, *(None if w is None else P(w_spec[0], None, w_spec[2]) for w in (gate, up)),
+                    P(w_spec[0], w_spec[2], None))
+        return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=rows)(x, weights, experts, gate, up, down)
 
     def _experts_dense(self, x2, weights, experts):
         """Reference: every expert on every token, then select and weight. ``(T, d)`` float32."""
@@ -161,14 +219,13 @@ class MoE(nnx.Module):
         logits = self.router_logits(x2)
         bias = self.e_score_correction_bias[...] if self.e_score_correction_bias is not None else None
         weights, experts = route(logits, self.cfg, bias)
-        xe = x2.astype(self.dtype)
         if impl == "ragged":
-            y = self._experts_ragged(xe, weights, experts)
+            k = experts.shape[-1]
+            y = self._experts_ragged(x.astype(self.dtype), weights.reshape(b, l, k), experts.reshape(b, l, k))
         elif impl == "dense":
-            y = self._experts_dense(xe, weights, experts)
+            y = self._experts_dense(x2.astype(self.dtype), weights, experts).reshape(b, l, d)
         else:
             raise ValueError(f"impl must be 'ragged' or 'dense', got {impl!r}")
-        y = y.reshape(b, l, d)
         if self.shared_expert is not None:
             y = y + self.shared_expert(x).astype(jnp.float32)
         return y.astype(self.dtype), router_aux_losses(logits, experts, self.cfg.n_experts)

@@ -1,0 +1,149 @@
+"""MoE sublayer on one GPU: how XLA lowers ``jax.lax.ragged_dot`` and what the expert compute costs.
+
+The layer is the routed part of ``configs/train/mamba2-hybrid-moe-2b.yaml``'s MoE (d_model 2048, 8
+SwiGLU experts of d_ff 4096, top-2), on ``--batch`` rows of ``--seq`` tokens (one GPU's share in
+``benchmarks/multi_gpu.py``), bf16 compute on float32 weights. Timed: the forward alone and forward +
+backward (gradients of x and of every weight), for
+
+* ``impl="ragged"`` (``jamba_jax.layers.moe.grouped_experts``: tokens sorted by expert, three
+  ``ragged_dot``), once per ``--xla-variants`` entry (extra ``XLA_FLAGS``: each runs in a child
+  process, as XLA reads its flags once), and
+* ``impl="dense"`` (every expert on every token: E / top_k = 4x the routed FLOPs), the baseline.
+
+TFLOP/s counts the routed FLOPs only (2 * top_k * 3 * d * f per token forward, 3x that forward +
+backward), so a lowering that computes every expert on every token shows as a low figure. The
+compiled HLO is searched for what the ragged dots became (a cuDNN fusion, a cuBLAS grouped GEMM, or
+nothing of the kind: XLA's dense expansion). Median of ``--reps`` timed calls after two warm-ups.
+
+    PYTHONPATH=. python3 benchmarks/moe.py            # GPU; a table last, JSON to $OUT/moe.json
+    python benchmarks/moe.py --small                  # CPU smoke run, tiny shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRESET = os.path.join(ROOT, "configs", "train", "mamba2-hybrid-moe-2b.yaml")
+DEFAULT_VARIANTS = "default;--xla_gpu_experimental_use_ragged_dot_fusion=true"
+
+
+def child(args) -> dict:
+    """Time the layer in this process (XLA_FLAGS already set by the parent)."""
+    sys.path.insert(0, ROOT)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from jamba_jax.config import MoEConfig
+    from jamba_jax.layers.moe import MoE
+
+    model = yaml.safe_load(open(PRESET))["model"]  # not load_config: the GPU image has no grain
+    d, moe = model["d_model"], dict(model["moe"])
+    if args.small:
+        d, moe["d_ff"] = 32, 64
+    moe_cfg = MoEConfig(**{k: v for k, v in moe.items() if k in MoEConfig.__dataclass_fields__})
+    layer = MoE(moe_cfg, d, impl="ragged", dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((args.batch, args.seq, d)), jnp.bfloat16)
+    ct = jnp.asarray(rng.standard_normal((args.batch, args.seq, d)), jnp.bfloat16)
+    tokens = args.batch * args.seq
+    fwd_flops = 2 * moe_cfg.top_k * 3 * d * moe_cfg.d_ff * tokens
+
+    def forward(params, x, impl):
+        return nnx.merge(graphdef, params, rest)(x, impl=impl)[0]
+
+    def loss(params, x, ct, impl):
+        return jnp.sum(forward(params, x, impl).astype(jnp.float32) * ct)
+
+    out = {"flags": os.environ.get("XLA_FLAGS", ""), "device": jax.devices()[0].device_kind, "rows": []}
+    ys = {}
+    for impl in args.impls.split(","):
+        for mode, fn, args_ in (("fwd", jax.jit(forward, static_argnums=2), (params, x)),
+                                ("fwd+bwd", jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=3), (params, x, ct))):
+            row = {"impl": impl, "mode": mode}
+            try:
+                compiled = fn.lower(*args_, impl).compile()
+                hlo = compiled.as_text()
+                row["lowering"] = ",".join(k for k, pat in (("cudnn", "cudnn"), ("grouped-gemm", "groupedMatmul"),
+                                                            ("ragged-dot", "ragged-dot")) if pat in hlo) or "dense"
+                result = jax.block_until_ready(compiled(*args_))
+                jax.block_until_ready(compiled(*args_))
+                if mode == "fwd":
+                    ys[impl] = np.asarray(result, np.float32)
+                times = []
+                for _ in range(args.reps):
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(compiled(*args_))
+                    times.append(time.perf_counter() - t0)
+                ms = statistics.median(times) * 1e3
+                row.update(ms=ms, tflops=fwd_flops * (3 if mode == "fwd+bwd" else 1) / ms / 1e9)
+            except Exception as e:  # noqa: BLE001 (a lowering that fails is a result)
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            out["rows"].append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    if "ragged" in ys and "dense" in ys:
+        a, b = ys["ragged"], ys["dense"]
+        out["ragged_vs_dense_rel_l2"] = float(np.linalg.norm(a - b) / np.linalg.norm(b))
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--impls", default="ragged,dense")
+    p.add_argument("--xla-variants", default=DEFAULT_VARIANTS,
+                   help="';'-separated extra XLA_FLAGS, one child process each ('default': none)")
+    p.add_argument("--small", action="store_true", help="CPU smoke run: tiny shapes")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.small:
+        args.batch, args.seq, args.reps = 2, 64, 2
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    results = []
+    for i, variant in enumerate(args.xla_variants.split(";")):
+        impls = args.impls if i == 0 else "ragged"  # the dense baseline does not depend on the ragged flags
+        env = dict(os.environ)
+        if variant != "default":
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + variant).strip()
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", "--batch", str(args.batch), "--seq",
+               str(args.seq), "--reps", str(args.reps), "--impls", impls] + (["--small"] if args.small else [])
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        sys.stderr.write(proc.stderr[-3000:])
+        if proc.returncode != 0 or not proc.stdout.strip():
+            results.append({"flags": variant, "rows": [{"impl": impls, "mode": "-", "error": f"exit {proc.returncode}"}]})
+            continue
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        res["variant"] = variant
+        results.append(res)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "moe.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    print(f"\nMoE layer, {args.batch} x {args.seq} tokens ({results[0].get('device', '?')}); TFLOP/s of routed FLOPs")
+    print("| XLA flags | impl | mode | lowering | ms | TFLOP/s |\n|---|---|---|---|---|---|")
+    for res in results:
+        for r in res["rows"]:
+            if "error" in r:
+                print(f"| {res.get('variant', res['flags'])} | {r['impl']} | {r['mode']} | error: {r['error']} | | |")
+            else:
+                print(f"| {res['variant']} | {r['impl']} | {r['mode']} | {r['lowering']} | {r['ms']:.2f} | {r['tflops']:.1f} |")
+        if "ragged_vs_dense_rel_l2" in res:
+            print(f"ragged vs dense output, relative L2: {res['ragged_vs_dense_rel_l2']:.2e}")
+
+
+if __name__ == "__main__":
+    main()
