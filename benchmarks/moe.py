@@ -22,6 +22,7 @@ nothing of the kind: XLA's dense expansion). Median of ``--reps`` timed calls af
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -33,7 +34,74 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESET = os.path.join(ROOT, "configs", "train", "mamba2-hybrid-moe-2b.yaml")
-DEFAULT_VARIANTS = "default;--xla_gpu_experimental_use_ragged_dot_fusion=true"
+DEFAULT_VARIANTS = "default"
+
+
+def _time(fn, args_, reps):
+    import jax
+
+    jax.block_until_ready(fn(*args_))
+    jax.block_until_ready(fn(*args_))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args_))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def grouped_matmul(args, d, moe_cfg) -> list[dict]:
+    """The up projection's grouped matmul alone, (batch * seq * top_k, d) x (E, d, d_ff): each impl of
+    ``pallas_kernels.ragged_dot`` (Mosaic GPU with each ``--blocks`` variant), forward and forward +
+    backward, and the Mosaic GPU kernels' values and gradients against ``impl="xla"`` (rows past the
+    groups included: the groups cover all but 1000 rows)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from pallas_kernels.ragged_dot import Blocks, mosaic_gpu_applies, ragged_dot
+
+    m, e, f = args.batch * args.seq * moe_cfg.top_k, moe_cfg.n_experts, moe_cfg.d_ff
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((m, d)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((e, d, f)) / np.sqrt(d), jnp.bfloat16)
+    ct = jnp.asarray(rng.standard_normal((m, f)), jnp.bfloat16)
+    sizes = jnp.asarray(rng.multinomial(m - min(1000, m // 8), np.ones(e) / e), jnp.int32)
+    flops = 2 * m * d * f
+    rows = []
+    variants = [("xla", Blocks())] + [("mosaic_gpu", Blocks(*map(int, b.split(":"))))
+                                      for b in args.blocks.split(",") if b]
+    exact = np.asarray(jax.lax.ragged_dot(x.astype(jnp.float32), w.astype(jnp.float32), sizes,
+                                          precision=jax.lax.Precision.HIGHEST))
+    ref = None
+    for impl, blocks in variants:
+        row = {"impl": impl, "blocks": ":".join(map(str, dataclasses.astuple(blocks))) if impl != "xla" else ""}
+        if impl == "mosaic_gpu" and not mosaic_gpu_applies(x, w, blocks):
+            row["error"] = "does not apply here"
+            rows.append(row)
+            continue
+        fwd = jax.jit(lambda x, w, impl=impl, blocks=blocks: ragged_dot(x, w, sizes, impl=impl, blocks=blocks))
+        grad = jax.jit(jax.value_and_grad(
+            lambda x, w, ct, impl=impl, blocks=blocks: jnp.sum(
+                ragged_dot(x, w, sizes, impl=impl, blocks=blocks).astype(jnp.float32) * ct), argnums=(0, 1)))
+        try:
+            y, (_, (dx, dw)) = fwd(x, w), grad(x, w, ct)
+            y32 = np.asarray(y, np.float32)
+            row["y_rel_l2_vs_f32"] = float(np.linalg.norm(y32 - exact) / np.linalg.norm(exact))
+            if ref is None:
+                ref = [np.asarray(a, np.float32) for a in (y, dx, dw)]
+            else:
+                row["rel_l2"] = [float(np.linalg.norm(np.asarray(a, np.float32) - r) / np.linalg.norm(r))
+                                 for a, r in zip((y, dx, dw), ref)]
+            row["fwd_ms"] = _time(fwd, (x, w), args.reps)
+            row["fwd_bwd_ms"] = _time(grad, (x, w, ct), args.reps)
+            row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
+            row["fwd_bwd_tflops"] = 3 * flops / row["fwd_bwd_ms"] / 1e9
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        rows.append(row)
+    return rows
 
 
 def child(args) -> dict:
@@ -67,6 +135,8 @@ def child(args) -> dict:
         return jnp.sum(forward(params, x, impl).astype(jnp.float32) * ct)
 
     out = {"flags": os.environ.get("XLA_FLAGS", ""), "device": jax.devices()[0].device_kind, "rows": []}
+    if args.kernels:
+        out["kernels"] = grouped_matmul(args, d, moe_cfg)
     ys = {}
     for impl in args.impls.split(","):
         for mode, fn, args_ in (("fwd", jax.jit(forward, static_argnums=2), (params, x)),
@@ -75,7 +145,7 @@ def child(args) -> dict:
             try:
                 compiled = fn.lower(*args_, impl).compile()
                 hlo = compiled.as_text()
-                row["lowering"] = ",".join(k for k, pat in (("cudnn", "cudnn"), ("grouped-gemm", "groupedMatmul"),
+                row["lowering"] = ",".join(k for k, pat in (("mosaic-gpu", "mosaic_gpu"), ("cudnn", "cudnn"), ("grouped-gemm", "groupedMatmul"),
                                                             ("ragged-dot", "ragged-dot")) if pat in hlo) or "dense"
                 result = jax.block_until_ready(compiled(*args_))
                 jax.block_until_ready(compiled(*args_))
@@ -106,6 +176,10 @@ def main():
     p.add_argument("--impls", default="ragged,dense")
     p.add_argument("--xla-variants", default=DEFAULT_VARIANTS,
                    help="';'-separated extra XLA_FLAGS, one child process each ('default': none)")
+    p.add_argument("--blocks", default="128:128:64:4:1,128:128:64:6:2,128:128:64:6:4,128:128:64:5:2,128:128:128:4:2,128:192:64:4:2",
+                   help="Mosaic GPU tile variants of the grouped-matmul rows, each block_m:block_n:block_k:"
+                        "max_concurrent_steps:grid_block_n")
+    p.add_argument("--no-kernels", dest="kernels", action="store_false", help="skip the grouped-matmul rows")
     p.add_argument("--small", action="store_true", help="CPU smoke run: tiny shapes")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -121,7 +195,8 @@ def main():
         if variant != "default":
             env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + variant).strip()
         cmd = [sys.executable, os.path.abspath(__file__), "--child", "--batch", str(args.batch), "--seq",
-               str(args.seq), "--reps", str(args.reps), "--impls", impls] + (["--small"] if args.small else [])
+               str(args.seq), "--reps", str(args.reps), "--impls", impls, "--blocks", args.blocks]
+        cmd += [] if args.kernels and i == 0 else ["--no-kernels"] + (["--small"] if args.small else [])
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         sys.stderr.write(proc.stderr[-3000:])
         if proc.returncode != 0 or not proc.stdout.strip():
@@ -133,6 +208,19 @@ def main():
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "moe.json"), "w") as f:
             json.dump(results, f, indent=1)
+    kernels = results[0].get("kernels") or []
+    if kernels:
+        print(f"\nGrouped matmul ({args.batch * args.seq} tokens x top-k rows, d_model x d_ff per expert); "
+              "rel. L2 of y, dx, dw against impl=xla")
+        print("| impl | blocks | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | y, dx, dw rel. L2 vs xla | y vs float32 |\n"
+              "|---|---|---|---|---|---|---|---|")
+        for r in kernels:
+            if "error" in r:
+                print(f"| {r['impl']} | {r['blocks']} | error: {r['error']} | | | | | |")
+            else:
+                err = " / ".join(f"{v:.1e}" for v in r.get("rel_l2", [])) or "reference"
+                print(f"| {r['impl']} | {r['blocks']} | {r['fwd_ms']:.2f} | {r['fwd_tflops']:.0f} | {r['fwd_bwd_ms']:.2f} "
+                      f"| {r['fwd_bwd_tflops']:.0f} | {err} | {r['y_rel_l2_vs_f32']:.1e} |")
     print(f"\nMoE layer, {args.batch} x {args.seq} tokens ({results[0].get('device', '?')}); TFLOP/s of routed FLOPs")
     print("| XLA flags | impl | mode | lowering | ms | TFLOP/s |\n|---|---|---|---|---|---|")
     for res in results:

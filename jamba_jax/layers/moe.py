@@ -1,7 +1,8 @@
 """Dropless top-k mixture of experts (Jamba / Mixtral softmax router, Nemotron-H sigmoid router).
 
 Expert compute is grouped: each token is repeated ``top_k`` times, the (token, slot) rows are sorted by
-expert and fed through ``jax.lax.ragged_dot`` with ``group_sizes`` = rows per expert, so no token is
+expert and fed through a grouped matmul (``pallas_kernels.ragged_dot``: ``jax.lax.ragged_dot``, or JAX's
+Mosaic GPU kernels on Hopper) with ``group_sizes`` = rows per expert, so no token is
 ever dropped and no capacity padding is needed. Under a trainer's mesh the sort stays on each device
 (`MoE._experts_ragged`: ``jax.shard_map`` over the batch, with tensor- and expert-parallel weights).
 ``impl="dense"`` runs every expert on every token (einsum) and is kept as a numerical reference.
@@ -19,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 from jamba_jax.config import MLPConfig, MoEConfig
 from jamba_jax.layers.common import GATED_ACTIVATIONS, activation, default_kernel_init, dense, logical_sharding, param
 from jamba_jax.layers.mlp import MLP
+from pallas_kernels.ragged_dot import ragged_dot
 
 Impl = Literal["ragged", "dense"]
 
@@ -100,9 +102,9 @@ def grouped_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, gate: 
     order = jnp.argsort(slot_expert, stable=True)
     group_sizes = jnp.bincount(slot_expert, length=n_local + 1)[:n_local].astype(jnp.int32)
     xs = jnp.take(x, order // k, axis=0)  # (T*k, d) sorted by expert
-    h = jax.lax.ragged_dot(xs, up, group_sizes)
-    h = act(jax.lax.ragged_dot(xs, gate, group_sizes)) * h if gate is not None else act(h)
-    ys = jax.lax.ragged_dot(h, down, group_sizes)  # (T*k, d) sorted
+    h = ragged_dot(xs, up, group_sizes)
+    h = act(ragged_dot(xs, gate, group_sizes)) * h if gate is not None else act(h)
+    ys = ragged_dot(h, down, group_sizes)  # (T*k, d) sorted
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
     y = jnp.take(ys, inverse, axis=0).reshape(-1, k, d).astype(jnp.float32)
     weights = jnp.where(held.reshape(-1, k), weights, 0.0)
