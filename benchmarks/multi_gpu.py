@@ -188,7 +188,8 @@ def table(results: list[dict], baseline: dict | None, flops_per_tok: float, peak
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=PRESET)
+    parser.add_argument("--config", type=Path, default=None,
+                        help=f"training config (default: {PRESET.relative_to(ROOT)}, or with --small {SMOKE.relative_to(ROOT)})")
     parser.add_argument("--layouts", default="data;fsdp;tensor;expert",
                         help="';'-separated mesh layouts over all GPUs: an axis name (that axis = N) or "
                              "'axis=size,...' (product N)")
@@ -208,10 +209,11 @@ def main(argv=None):
 
     env = dict(CHILD_ENV)
     if args.small:
-        args.config, args.seq_len = SMOKE, 64
+        args.config, args.seq_len = args.config or SMOKE, 64
         n, device = args.gpus or 2, "cpu"
         env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
     else:
+        args.config = args.config or PRESET
         n, device = args.gpus or gpu_count(), gpu_name()
         if n < 2:
             raise SystemExit(f"multi_gpu.py needs at least 2 GPUs, found {n} (use --small for a CPU check)")
