@@ -71,6 +71,17 @@ def grouped_matmul(args, d, moe_cfg) -> list[dict]:
     rows = []
     variants = [("xla", Blocks())] + [("mosaic_gpu", Blocks(*map(int, b.split(":"))))
                                       for b in args.blocks.split(",") if b]
+    if mosaic_gpu_applies(x, w):  # a row count the kernels cannot take unpadded, groups short of it
+        xo, cto = x[:1001], ct[:1001, :]
+        so = jnp.asarray(rng.multinomial(900, np.ones(e) / e), jnp.int32)
+        odd = {impl: jax.value_and_grad(lambda x, w, impl=impl: jnp.sum(
+            ragged_dot(x, w, so, impl=impl).astype(jnp.float32) * cto), argnums=(0, 1))(xo, w)
+            for impl in ("xla", "mosaic_gpu")}
+        errs = [float(np.linalg.norm(np.asarray(a, np.float32) - np.asarray(b, np.float32))
+                      / np.linalg.norm(np.asarray(b, np.float32)))
+                for a, b in zip(jax.tree.leaves(odd["mosaic_gpu"]), jax.tree.leaves(odd["xla"]))]
+        rows.append({"impl": "mosaic_gpu", "blocks": "1001 rows, 900 in groups", "check_rel_l2": errs})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     exact = np.asarray(jax.lax.ragged_dot(x.astype(jnp.float32), w.astype(jnp.float32), sizes,
                                           precision=jax.lax.Precision.HIGHEST))
     ref = None
@@ -215,7 +226,10 @@ def main():
         print("| impl | blocks | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | y, dx, dw rel. L2 vs xla | y vs float32 |\n"
               "|---|---|---|---|---|---|---|---|")
         for r in kernels:
-            if "error" in r:
+            if "check_rel_l2" in r:
+                print(f"| {r['impl']} | {r['blocks']} | check only | | | | loss, dx, dw: "
+                      + " / ".join(f"{v:.1e}" for v in r["check_rel_l2"]) + " | |")
+            elif "error" in r:
                 print(f"| {r['impl']} | {r['blocks']} | error: {r['error']} | | | | | |")
             else:
                 err = " / ".join(f"{v:.1e}" for v in r.get("rel_l2", [])) or "reference"

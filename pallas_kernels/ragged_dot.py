@@ -14,7 +14,8 @@ it slower than computing every expert on every token (``BENCHMARKS.md``, MoE sec
   forward and the input gradient are ``ragged_dot_mgpu.ragged_dot`` (the second with ``transpose_rhs``:
   ``dx = dy w[i]^T`` without materialising the transpose), the weight gradient is
   ``transposed_ragged_dot_mgpu.transposed_ragged_dot`` (``dw[i] = x_i^T dy_i``, ragged along the
-  contraction). Those kernels leave rows past ``sum(group_sizes)`` unwritten, so they are zeroed here.
+  contraction). Those kernels leave rows past ``sum(group_sizes)`` unwritten, so they are zeroed here,
+  and take a row count below 8 or a multiple of 8, so rows are padded.
   Hopper (sm_90) only, bf16 or f16 operands of one dtype, dimensions multiples of the blocks;
 * ``"auto"``: ``"mosaic_gpu"`` where it applies, else ``"xla"``.
 
@@ -47,6 +48,7 @@ class Blocks:
 
 
 DEFAULT_BLOCKS = Blocks()
+ROW_TILE = 8  # the Mosaic GPU kernels take a row count below 8 or a multiple of it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,22 +91,32 @@ def _rows_in_groups(rows: int, group_sizes: jax.Array) -> jax.Array:
     return (jnp.arange(rows) < jnp.sum(group_sizes))[:, None]
 
 
-def grouped_vjp(kernels: Kernels):
-    """``ragged_dot(x, w, group_sizes)`` differentiable through ``kernels`` (rows past the groups zeroed)."""
+def _pad_rows(a: jax.Array, tile: int) -> jax.Array:
+    pad = -a.shape[0] % tile
+    return jnp.pad(a, ((0, pad), (0, 0))) if pad else a
+
+
+def grouped_vjp(kernels: Kernels, row_tile: int = 1):
+    """``ragged_dot(x, w, group_sizes)`` differentiable through ``kernels``, whose operands get their rows
+    padded to a multiple of ``row_tile`` (padded rows fall past the groups) and whose rows past the groups
+    are zeroed."""
 
     @jax.custom_vjp
     def f(x, w, group_sizes):
-        return jnp.where(_rows_in_groups(x.shape[0], group_sizes), kernels.forward(x, w, group_sizes), 0)
+        m = x.shape[0]
+        y = kernels.forward(_pad_rows(x, row_tile), w, group_sizes)[:m]
+        return jnp.where(_rows_in_groups(m, group_sizes), y, 0)
 
     def fwd(x, w, group_sizes):
         return f(x, w, group_sizes), (x, w, group_sizes)
 
     def bwd(res, dy):
         x, w, group_sizes = res
-        inside = _rows_in_groups(x.shape[0], group_sizes)
-        dy = jnp.where(inside, dy, 0).astype(x.dtype)
-        dx = jnp.where(inside, kernels.input_grad(dy, w, group_sizes), 0).astype(x.dtype)
-        dw = kernels.weight_grad(x, dy, group_sizes).astype(w.dtype)
+        m = x.shape[0]
+        inside = _rows_in_groups(m, group_sizes)
+        dy = _pad_rows(jnp.where(inside, dy, 0).astype(x.dtype), row_tile)
+        dx = jnp.where(inside, kernels.input_grad(dy, w, group_sizes)[:m], 0).astype(x.dtype)
+        dw = kernels.weight_grad(_pad_rows(x, row_tile), dy, group_sizes).astype(w.dtype)
         return dx, dw, None
 
     f.defvjp(fwd, bwd)
@@ -113,20 +125,23 @@ def grouped_vjp(kernels: Kernels):
 
 @functools.cache
 def _mosaic_gpu_ragged_dot(blocks: Blocks):
-    return grouped_vjp(_mosaic_gpu_kernels(blocks))
+    return grouped_vjp(_mosaic_gpu_kernels(blocks), row_tile=ROW_TILE)
 
 
 def mosaic_gpu_applies(x: jax.Array, w: jax.Array, blocks: Blocks = DEFAULT_BLOCKS) -> bool:
-    """Whether the Mosaic GPU kernels take these operands on this machine."""
+    """Whether the Mosaic GPU kernels take these operands on this machine (any row count: `ragged_dot`
+    pads the rows to a multiple of 8)."""
     device = jax.devices()[0]
     if device.platform != "gpu" or getattr(device, "compute_capability", None) != "9.0":
         return False
     if x.dtype != w.dtype or x.dtype not in (jnp.bfloat16, jnp.float16):
         return False
     _, k, n = w.shape
-    return (k % blocks.block_k == 0 and n % blocks.block_k == 0 and n % (blocks.block_n * blocks.grid_block_n) == 0
-            and k % (blocks.block_n * blocks.grid_block_n) == 0 and k % blocks.block_m == 0
-            and n % blocks.block_n == 0)
+    out_tile = blocks.block_n * blocks.grid_block_n
+    forward = k % blocks.block_k == 0 and n % out_tile == 0             # (m, k) x (k, n)
+    input_grad = n % blocks.block_k == 0 and k % out_tile == 0          # (m, n) x (n, k)
+    weight_grad = k % blocks.block_m == 0 and n % blocks.block_n == 0   # (k, m) x (m, n), ragged m
+    return forward and input_grad and weight_grad
 
 
 def ragged_dot(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, impl: Impl = "auto",

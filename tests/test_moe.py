@@ -251,18 +251,36 @@ from jamba_jax.layers import moe as moe_lib
 from jamba_jax.layers.common import activation_sharding
 from jamba_jax.train.config import MeshConfig, load_config
 from jamba_jax.train.sharding import logical_to_spec, make_mesh, state_shardings
+from pallas_kernels.ragged_dot import Kernels, grouped_vjp, reference_kernels
 
-rules = load_config(None, []).rules  # the trainer's default table: batch over data, fsdp, expert
+default = load_config(None, []).rules  # the trainer's table: batch over data, fsdp, expert; mlp over tensor
+batch_without_expert = dict(default, batch=("data", "fsdp"))  # the expert axis copies tokens
+batch_over_tensor = dict(default, batch=("data", "fsdp", "expert", "tensor"))  # tensor splits rows and d_ff
+# (mesh data, fsdp, tensor, expert), rules, batch rows, then what each device's grouped compute gets:
+# (batch rows, experts held)
+CASES = [((2, 2, 2, 1), default, 8, (2, 8)), ((2, 1, 1, 4), default, 8, (4, 2)), ((1, 1, 2, 4), default, 8, (8, 2)),
+         ((2, 1, 1, 4), batch_without_expert, 8, (4, 2)), ((1, 1, 2, 4), batch_over_tensor, 8, (8, 2)),
+         ((1, 2, 1, 4), default, 2, (1, 2))]  # 2 rows: the batch over fsdp only, tokens copied over expert
 rng = np.random.default_rng(0)
 rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 seen = []
 grouped = moe_lib.grouped_experts
 
-def recording(x, *args, **kw):  # the rows and experts each device's grouped compute gets
+def recording(x, *args, **kw):
     seen.append((x.shape[0], args[3].shape[0]))  # batch rows, experts held
     return grouped(x, *args, **kw)
 
+def host_kernels():
+    # the reference kernels behind pure_callback: opaque to JAX's typing, as the Mosaic GPU kernels are
+    def host(f):
+        def g(a, b, gs):
+            return jax.pure_callback(lambda *v: np.asarray(f(*v)), jax.eval_shape(f, a, b, gs), a, b, gs)
+        return g
+    ref = reference_kernels()
+    return grouped_vjp(Kernels(host(ref.forward), host(ref.input_grad), host(ref.weight_grad)))
+
 moe_lib.grouped_experts = recording
+xla_ragged_dot = moe_lib.ragged_dot
 for cfg in (MoEConfig(n_experts=8, top_k=2, d_ff=32),
             MoEConfig(n_experts=8, top_k=3, d_ff=32, router="sigmoid", normalize_top_k=True, n_groups=4,
                       top_k_groups=2, activation="relu2", shared_d_ff=16)):
@@ -271,24 +289,28 @@ for cfg in (MoEConfig(n_experts=8, top_k=2, d_ff=32),
         if isinstance(var, nnx.Variable):
             var.set_value(jnp.asarray(rng.normal(0.0, 0.3, var.shape), var.dtype))
     graphdef, params, rest = nnx.split(moe, nnx.Param, ...)
-    x = jnp.asarray(rng.normal(size=(8, 12, 16)), jnp.float32)
-    ct = jnp.asarray(rng.normal(size=(8, 12, 16)), jnp.float32)
+    x_all = jnp.asarray(rng.normal(size=(8, 12, 16)), jnp.float32)
+    ct_all = jnp.asarray(rng.normal(size=(8, 12, 16)), jnp.float32)
+    for kernels in ("xla", "host"):
+        moe_lib.ragged_dot = xla_ragged_dot if kernels == "xla" else host_kernels()
+        for shape, rules, b, expected in CASES if kernels == "xla" else CASES[:2] + CASES[3:4]:
+            x, ct = x_all[:b], ct_all[:b]
 
-    def loss(params, x):
-        y, aux = nnx.merge(graphdef, params, rest)(x)
-        return jnp.sum(y * ct) + aux["load_balancing_loss"] + 0.1 * aux["router_z_loss"]
+            def loss(params, x):
+                y, aux = nnx.merge(graphdef, params, rest)(x)
+                return jnp.sum(y * ct) + aux["load_balancing_loss"] + 0.1 * aux["router_z_loss"]
 
-    want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
-    for shape, rows, experts in (((2, 2, 2, 1), 2, 8), ((2, 1, 1, 4), 4, 2), ((1, 1, 2, 4), 8, 2)):
-        mesh = make_mesh(MeshConfig(*shape))
-        placed = jax.device_put(params, state_shardings(params, mesh, rules))
-        rule = lambda names, shape: NamedSharding(mesh, logical_to_spec(names, shape, rules, mesh))
-        seen.clear()
-        with activation_sharding(rule):
-            got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(placed, x)
-        assert seen == [(rows, experts)], (shape, seen)
-        errs = [rel(got[0], want[0])] + [rel(a, b) for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]))]
-        assert max(errs) < 1e-5, (shape, errs)
+            want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+            mesh = make_mesh(MeshConfig(*shape))
+            placed = jax.device_put(params, state_shardings(params, mesh, rules))
+            rule = lambda names, shape, rules=rules: NamedSharding(mesh, logical_to_spec(names, shape, rules, mesh))
+            seen.clear()
+            with activation_sharding(rule):
+                got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(placed, x)
+            assert seen[-1] == expected, (shape, kernels, seen)
+            errs = [rel(got[0], want[0])] + [rel(a, b) for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]))]
+            assert max(errs) < 1e-5, (shape, kernels, errs)
+        moe_lib.ragged_dot = xla_ragged_dot
 print("ok")
 """
 
@@ -296,7 +318,9 @@ print("ok")
 def test_moe_under_a_mesh_matches_one_device(tmp_path):
     """Under a trainer's mesh (8 simulated CPU devices) each device routes its own rows through the
     experts it holds: data + FSDP + tensor, data + expert, tensor + expert (tokens gathered over the
-    expert axis). Values and the gradients of every weight and of x equal the unsharded layer's."""
+    expert axis), tokens copied over the expert axis, rows split over tensor too, a batch too small for
+    every batch axis; and with host-callback kernels, as opaque to JAX as the Mosaic GPU ones. Values
+    and the gradients of every weight and of x equal the unsharded layer's."""
     import os
     import subprocess
     import sys

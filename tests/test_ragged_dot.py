@@ -12,13 +12,20 @@ from tests.helpers import rel_l2
 
 
 def _unwritten_rows_nan(kernels: Kernels) -> Kernels:
-    """The reference kernels, with rows past the groups holding NaN as the GPU kernels' unwritten memory may."""
+    """The reference kernels, with rows past the groups holding NaN as the GPU kernels' unwritten memory may,
+    refusing row counts that are not a multiple of 8 as the GPU kernels do."""
     def poison(f):
         def g(a, w, gs):
+            assert a.shape[0] % 8 == 0, a.shape
             out = f(a, w, gs)
             return jnp.where((jnp.arange(out.shape[0]) < jnp.sum(gs))[:, None], out, jnp.nan)
         return g
-    return Kernels(poison(kernels.forward), poison(kernels.input_grad), kernels.weight_grad)
+    def rows_of_8(f):
+        def g(a, b, gs):
+            assert a.shape[0] % 8 == 0 and b.shape[0] % 8 == 0, (a.shape, b.shape)
+            return f(a, b, gs)
+        return g
+    return Kernels(poison(kernels.forward), poison(kernels.input_grad), rows_of_8(kernels.weight_grad))
 
 
 @pytest.mark.parametrize("sizes", [(5, 0, 9, 3), (4, 7, 2, 0)], ids=["all-rows", "rows-past-groups"])
@@ -29,7 +36,7 @@ def test_custom_vjp_matches_ragged_dot(sizes):
     w = jnp.asarray(rng.normal(size=(len(sizes), k, n)), jnp.float32)
     ct = jnp.asarray(rng.normal(size=(m, n)), jnp.float32)
     gs = jnp.asarray(sizes, jnp.int32)
-    grouped = grouped_vjp(_unwritten_rows_nan(reference_kernels()))
+    grouped = grouped_vjp(_unwritten_rows_nan(reference_kernels()), row_tile=8)  # 17 rows padded to 24
 
     def loss(f, x, w):
         return jnp.sum(jnp.sin(f(x, w, gs)) * ct)

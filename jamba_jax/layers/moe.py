@@ -170,10 +170,14 @@ class MoE(nnx.Module):
         `grouped_experts` on all tokens. Under one, the sort by expert must not span devices (XLA
         would gather every token and run the whole layer, and all that follows it, on each device),
         so it runs inside ``jax.shard_map``: each device routes its batch rows through the experts
-        it holds. Expert weights arrive whole along ``embed`` (FSDP: gathered for the layer), split
-        along ``mlp`` (tensor parallel: partial sums added across devices) and along ``expert``
-        (expert parallel: the tokens of the devices that split the experts are gathered, each device
-        applies its own experts, and the sums are scattered back), as the logical-axis table says.
+        it holds. Expert weights arrive whole along ``embed`` (FSDP: gathered for the layer) and split
+        along ``expert`` and ``mlp`` as the logical-axis table says. Over a mesh axis that splits the
+        weights, a device's output is a partial sum (its experts, its slice of ``d_ff``): where that
+        axis also splits the batch, the devices' tokens are gathered first and the sums scattered back
+        to their rows; where it does not, every device holds the same tokens and the sums are added.
+
+        ``check_vma=False``: JAX types ``argsort`` of device-varying keys, and the Mosaic GPU kernels'
+        outputs, as equal on every device, and would then sum cotangents across devices wrongly.
         """
         gate, up, down = self._expert_weights()
         act = activation(self.activation)
@@ -183,12 +187,12 @@ class MoE(nnx.Module):
         mesh, batch_spec = x_sharding.mesh, x_sharding.spec[0]
         w_spec = logical_sharding(up, ("expert", None, "mlp")).spec
         expert_axes, mlp_axes = _axis_tuple(w_spec[0]), _axis_tuple(w_spec[2])
-        gathered = tuple(a for a in expert_axes if a in _axis_tuple(batch_spec))
-        summed = tuple(a for a in expert_axes if a not in gathered) + mlp_axes
+        split_weights = expert_axes + mlp_axes
+        gathered = tuple(a for a in split_weights if a in _axis_tuple(batch_spec))
+        summed = tuple(a for a in split_weights if a not in gathered)
         rows = P(batch_spec, None, None)
 
         def local(x, weights, experts, gate, up, down):
-            b, l, d = x.shape
             if gathered:
                 x, weights, experts = (jax.lax.all_gather(a, gathered, axis=0, tiled=True)
                                        for a in (x, weights, experts))
@@ -200,7 +204,8 @@ class MoE(nnx.Module):
 
         in_specs = (rows, rows, rows, *(None if w is None else P(w_spec[0], None, w_spec[2]) for w in (gate, up)),
                     P(w_spec[0], w_spec[2], None))
-        return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=rows)(x, weights, experts, gate, up, down)
+        return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=rows, check_vma=False)(
+            x, weights, experts, gate, up, down)
 
     def _experts_dense(self, x2, weights, experts):
         """Reference: every expert on every token, then select and weight. ``(T, d)`` float32."""
