@@ -176,6 +176,12 @@ class MoE(nnx.Module):
         axis also splits the batch, the devices' tokens are gathered first and the sums scattered back
         to their rows; where it does not, every device holds the same tokens and the sums are added.
 
+        Gathering is the simple form of expert parallelism (Megatron's "allgather" dispatcher): each
+        device sees every gathered row, and the grouped matmul's row tiles past its own experts' rows
+        still run (JAX's Mosaic GPU kernels visit them and store nothing), so with N devices along the
+        expert axis the forward and input-gradient products cost up to N times their share. An
+        all-to-all dispatch would avoid it.
+
         ``check_vma=False``: JAX types ``argsort`` of device-varying keys, and the Mosaic GPU kernels'
         outputs, as equal on every device, and would then sum cotangents across devices wrongly.
         """
