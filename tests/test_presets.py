@@ -1,6 +1,5 @@
 """Presets: parameter counts equal transformers' (meta device), configs validate, compile time."""
 
-import dataclasses
 import time
 
 import jax
