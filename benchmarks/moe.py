@@ -158,16 +158,9 @@ def child(args) -> dict:
                 hlo = compiled.as_text()
                 row["lowering"] = ",".join(k for k, pat in (("mosaic-gpu", "mosaic_gpu"), ("cudnn", "cudnn"), ("grouped-gemm", "groupedMatmul"),
                                                             ("ragged-dot", "ragged-dot")) if pat in hlo) or "dense"
-                result = jax.block_until_ready(compiled(*args_))
-                jax.block_until_ready(compiled(*args_))
                 if mode == "fwd":
-                    ys[impl] = np.asarray(result, np.float32)
-                times = []
-                for _ in range(args.reps):
-                    t0 = time.perf_counter()
-                    jax.block_until_ready(compiled(*args_))
-                    times.append(time.perf_counter() - t0)
-                ms = statistics.median(times) * 1e3
+                    ys[impl] = np.asarray(compiled(*args_), np.float32)
+                ms = _time(compiled, args_, args.reps)
                 row.update(ms=ms, tflops=fwd_flops * (3 if mode == "fwd+bwd" else 1) / ms / 1e9)
             except Exception as e:  # noqa: BLE001 (a lowering that fails is a result)
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"

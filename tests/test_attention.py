@@ -9,7 +9,7 @@ from flax import nnx
 
 from jamba_jax.config import AttentionConfig, RopeConfig
 from jamba_jax.layers.attention import Attention
-from tests.helpers import rel_l2
+from tests.helpers import rel_l2, run_on_simulated_devices
 
 D_MODEL, N_HEADS, N_KV, HEAD_DIM = 64, 4, 2, 16
 
@@ -150,10 +150,6 @@ def test_splash_interpret_matches_xla():
 
 
 PER_DEVICE_SCRIPT = """
-import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-import sys
-sys.path.insert(0, {root!r})
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding
 from jamba_jax.layers import attention as attn
@@ -198,15 +194,7 @@ print("ok")
 """
 
 
-def test_per_device_attention_under_a_mesh_matches_one_device(tmp_path):
+def test_per_device_attention_under_a_mesh_matches_one_device():
     """`per_device` (how cuDNN attention runs under a trainer's mesh) on 4 simulated CPU devices, rows
     and heads split, packed rows included: values and gradients equal the unsharded call's."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = tmp_path / "per_device.py"
-    script.write_text(PER_DEVICE_SCRIPT.format(root=str(Path(__file__).resolve().parents[1])))
-    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                       env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
-    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stdout[-2000:] + p.stderr[-4000:]
+    assert run_on_simulated_devices(PER_DEVICE_SCRIPT, 4).strip().endswith("ok")

@@ -12,7 +12,7 @@ from flax import nnx
 from jamba_jax.config import MLPConfig, MoEConfig
 from jamba_jax.layers.mlp import MLP
 from jamba_jax.layers.moe import MoE, RoutingBias
-from tests.helpers import rel_l2
+from tests.helpers import rel_l2, run_on_simulated_devices
 
 D, F, B, L = 16, 32, 2, 7
 
@@ -239,10 +239,6 @@ def test_mlp_matches_nemotron_h_mlp(bias):
 
 # ------------------------------------------------------------------------------------------ under a mesh
 MESH_SCRIPT = """
-import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-import sys
-sys.path.insert(0, {root!r})
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -315,19 +311,10 @@ print("ok")
 """
 
 
-def test_moe_under_a_mesh_matches_one_device(tmp_path):
+def test_moe_under_a_mesh_matches_one_device():
     """Under a trainer's mesh (8 simulated CPU devices) each device routes its own rows through the
     experts it holds: data + FSDP + tensor, data + expert, tensor + expert (tokens gathered over the
     expert axis), tokens copied over the expert axis, rows split over tensor too, a batch too small for
     every batch axis; and with host-callback kernels, as opaque to JAX as the Mosaic GPU ones. Values
     and the gradients of every weight and of x equal the unsharded layer's."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = tmp_path / "moe_mesh.py"
-    script.write_text(MESH_SCRIPT.format(root=str(Path(__file__).resolve().parents[1])))
-    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stdout[-2000:] + p.stderr[-4000:]
+    assert run_on_simulated_devices(MESH_SCRIPT, 8).strip().endswith("ok")

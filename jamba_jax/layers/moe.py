@@ -107,7 +107,6 @@ def grouped_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, gate: 
     ys = ragged_dot(h, down, group_sizes)  # (T*k, d) sorted
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
     y = jnp.take(ys, inverse, axis=0).reshape(-1, k, d).astype(jnp.float32)
-    weights = jnp.where(held.reshape(-1, k), weights, 0.0)
     return jnp.einsum("tkd,tk->td", y, weights).reshape(*lead, d)
 
 
