@@ -23,7 +23,11 @@ Layout (channels last, like the public API):
   by memory latency, not bandwidth or arithmetic: on an H100 prefetching B / C as well cut
   the Jamba-layer forward from 2.44 to 1.44 ms (BENCHMARKS.md);
 * exp(delta A) is computed as exp2(delta * A2), A2 = A log2(e) scaled once in XLA: one MUFU
-  op (ex2.approx.ftz) and one multiply per state element, nothing else;
+  op and one multiply per state element.  The exp2 and the state update's multiply-add are
+  inline PTX (``_exp2``, ``_fma``; plain jax.numpy in the interpreter): the lowering would
+  otherwise emit libdevice's exp2f (three more instructions for denormals) and an unfused
+  multiply and add.  On an H200 that cut the Jamba-layer forward from 1.48 to 1.34 ms and its
+  registers from 211 to 130 per thread;
 * 2-D blocks (A, checkpoints, initial state, d final) are assembled from n one-row loads:
   a vectorised 2-D load would make Triton split n over 8 threads for the whole kernel and
   repeat each step's per-channel work (softplus, gate) 8 times; from rows, the state keeps
@@ -130,32 +134,21 @@ DEFAULT_CONFIG = GpuConfig()
 # Splits are whole checkpoint chunks (S divides l // chunk); the last split also takes the
 # l % chunk tail steps.
 #
-# Heuristic (``default_seq_splits``): double S while the doubled grid still fits in the warps
-# the SMs keep resident at the kernel's register use, keeping >= 8 chunks per split.  A second
-# wave of programs would cost a whole l / S walk, about what the split saved.  Registers per
-# thread (ptxas, sm_90a, n = 16, one warp per program), hence resident warps per SM:
-#   forward  d_block 16, unroll 4, B / C prefetch (default): 211 -> 9
-#            d_block 16, unroll 2: 125 -> 16;   without B / C prefetch: 128 -> 16
-#            d_block 8: 126 -> 16;   d_block 32, unroll 2: 214 -> 9 (unroll 4 spills)
-#   backward d_block 16, chunk 16 / sub_chunk 4: 255 -> 8
-#   split-state kernels: 126 (forward), 128 (backward)
-# So at the defaults Jamba-v0.1 (1024 warps) and mamba-130m (768) stay unsplit in both
-# directions (9 x 132 = 1188 and 8 x 132 = 1056 resident), while e.g. b = 1 or unroll 2 split.
-_FWD_REGISTERS = {(16, 4, True): 211, (16, 2, True): 125, (16, 4, False): 128,
-                  (8, 4, True): 126, (32, 2, True): 214}
-_BWD_REGISTERS = 255
+# Heuristic (``default_seq_splits``): double S while the doubled grid has at most
+# MAX_WARPS_PER_SM = 8 warps per SM (two per warp scheduler) and >= 8 chunks per split.  The
+# split-state pass costs about (S - 1) / S of a forward walk without y, so splitting pays
+# only where the grid leaves schedulers short of warps.  Measured on one H200 (forward,
+# BENCHMARKS.md): Jamba-v0.1, 1024 warps -> S = 2: 1.34 -> 1.82 ms; mamba-130m, 768 warps ->
+# S = 2: 0.68 -> 0.72 ms; so both stay unsplit, in both directions, while e.g. b = 1 (512
+# warps for Jamba) splits in two.  Register use never limits this: a one-warp program has
+# at most 255 registers per thread, and 8 such warps fit an SM's 65536 registers.
+MAX_WARPS_PER_SM = 8
 MIN_CHUNKS_PER_SPLIT = 8
 
 
-def _resident_warps_per_sm(registers: int) -> int:
-    """65536 registers per SM, allocated per warp in multiples of 8 per thread; at most 32
-    blocks (here: one-warp programs) per SM."""
-    return min(32, 65536 // (32 * (-(-registers // 8) * 8)))
-
-
-def _auto_splits(warps: int, chunks: int, resident: int) -> int:
+def _auto_splits(warps: int, chunks: int, max_warps: int) -> int:
     S = 1
-    while (warps * 2 * S <= resident and chunks % (2 * S) == 0
+    while (warps * 2 * S <= max_warps and chunks % (2 * S) == 0
            and chunks // (2 * S) >= MIN_CHUNKS_PER_SPLIT):
         S *= 2
     return S
@@ -166,17 +159,14 @@ def default_seq_splits(b: int, l: int, d: int, g: int = 1, config: GpuConfig | N
     above when None), after rounding to a divisor of l // chunk."""
     cfg = config or DEFAULT_CONFIG
     chunks = l // cfg.chunk
-    sms = num_sms()
-    fwd_block = largest_pow2_divisor(d // g, cfg.fwd_d_block)
-    fwd_regs = _FWD_REGISTERS.get((fwd_block, cfg.unroll, cfg.prefetch_bc), 255)
+    max_warps = MAX_WARPS_PER_SM * num_sms()
     out = []
-    for req, block, warps, regs in (
-            (cfg.seq_splits, fwd_block, cfg.fwd_num_warps, fwd_regs),
-            (cfg.bwd_seq_splits, largest_pow2_divisor(d // g, cfg.bwd_d_block),
-             cfg.bwd_num_warps, _BWD_REGISTERS)):
+    for req, block, warps in (
+            (cfg.seq_splits, cfg.fwd_d_block, cfg.fwd_num_warps),
+            (cfg.bwd_seq_splits, cfg.bwd_d_block, cfg.bwd_num_warps)):
         if req is None:
-            req = _auto_splits(b * (d // block) * warps, chunks,
-                               _resident_warps_per_sm(regs) * sms)
+            grid = b * (d // largest_pow2_divisor(d // g, block)) * warps
+            req = _auto_splits(grid, chunks, max_warps)
         out.append(effective_splits(req, chunks))
     return tuple(out)
 
@@ -271,6 +261,32 @@ def _load_rows(ref, n, db, *prefix):
     return out
 
 
+def _ptx(instruction: str, fallback, interpret: bool, *args):
+    """One float32 PTX instruction per element (``$0`` the result, ``$1``.. the args) on the
+    GPU; ``fallback`` (the same math in jax.numpy) in the interpreter.  Why: without it the
+    Triton lowering emits ``a * b + c`` as a separate multiply and add, and ``jnp.exp2`` as
+    libdevice's exp2f, whose denormal handling costs three instructions around the MUFU op."""
+    if interpret:
+        return fallback(*args)
+    shape = jnp.broadcast_shapes(*(jnp.shape(a) for a in args))
+    args = [jnp.broadcast_to(jnp.asarray(a, f32), shape) for a in args]
+    constraints = ",".join(["=f"] + ["f"] * len(args))
+    [out] = pltriton.elementwise_inline_asm(
+        instruction, args=args, constraints=constraints, pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(shape, f32)])
+    return out
+
+
+def _fma(a, b, c, interpret: bool):
+    """a * b + c, rounded once."""
+    return _ptx("fma.rn.f32 $0, $1, $2, $3;", lambda a, b, c: a * b + c, interpret, a, b, c)
+
+
+def _exp2(x, interpret: bool):
+    """2^x by the MUFU alone (denormal results flush to 0)."""
+    return _ptx("ex2.approx.ftz.f32 $0, $1;", jnp.exp2, interpret, x)
+
+
 def _walk(t0, count, carry, load, body, unroll, prefetch, reverse=False):
     """``count`` (static) steps from t0 in unrolled groups of ``unroll``: ``body(ts, k, vals,
     carry)`` runs the k steps ts .. ts+k-1 (``vals``: their loads, ``load(t)`` each).  With
@@ -359,10 +375,10 @@ def _fwd_kernel(st: _Static, save: bool, local: bool, *refs):
         u, pre, _, keep, _ = v
         u = u.astype(f32)
         _, dl = _delta(pre, bias, st)
-        a = jnp.exp2(dl[None, :] * A2)                        # exp(dl A), (n, db)
+        a = _exp2(dl[None, :] * A2, st.interpret)              # exp(dl A), (n, db)
         if keep is not None:
             a = a * keep
-        return a * h + Bt[:, None] * (dl * u)[None, :], u, dl
+        return _fma(a, h, Bt[:, None] * (dl * u)[None, :], st.interpret), u, dl
 
     def body(t0, count, vals, carry):
         """``count`` steps from t0 with their per-channel inputs ``vals``: B / C loads
@@ -525,7 +541,7 @@ def _bwd_split_kernel(st: _Static, *refs):
         for k in reversed(range(count)):
             pre, Ct, dout, zt, keep = vals[k]
             _, dl = _delta(pre, bias, st)
-            a = jnp.exp2(dl[None, :] * A2)
+            a = _exp2(dl[None, :] * A2, st.interpret)
             if keep is not None:
                 a = a * keep
             dy = dout.astype(f32)
@@ -608,10 +624,10 @@ def _bwd_kernel(st: _Static, *refs):
         pre, dl = _delta(pre, bias, st)
         x = dl * u
         Bt = Bt.astype(f32)
-        a = jnp.exp2(dl[None, :] * A2)
+        a = _exp2(dl[None, :] * A2, st.interpret)
         if keep is not None:
             a = a * keep
-        return a * h + Bt[:, None] * x[None, :], (u, pre, dl, x, Bt, a)
+        return _fma(a, h, Bt[:, None] * x[None, :], st.interpret), (u, pre, dl, x, Bt, a)
 
     def advance(t0, count, h):
         vals = [load(t0 + k) for k in range(count)]
@@ -639,7 +655,7 @@ def _bwd_kernel(st: _Static, *refs):
         dB_ref[t, :] = jnp.sum(dh * x[None, :], axis=1)
         sB = jnp.sum(dh * Bt[:, None], axis=0)                # (db,)
         q = dh * (a * h_prev)                                 # d(loss)/d(log a) per element
-        dA = dA + q * dl[None, :]                             # times ln 2 in XLA: d/d(A2)
+        dA = _fma(q, dl[None, :], dA, st.interpret)          # times ln 2 in XLA: d/d(A2)
         ddl = sB * u + LN2 * jnp.sum(q * A2, axis=0)          # d(log a)/d(dl) = A = ln2 A2
         du = dl * sB
         if st.has_D:
