@@ -228,9 +228,33 @@ def test_gpu_split_kernels_lower_for_cuda(splits):
         lowering_platforms=("cuda",)).as_text()
     kernels = 2 + (splits[0] > 1) + (splits[1] > 1)   # + the split-state kernels
     assert text.count("__gpu$xla.gpu.triton") == kernels
-    # the state update's exp2 and multiply-add go in as inline PTX (the interpreter runs
+    # exp2, multiply-add and the gate's reciprocal go in as inline PTX (the interpreter runs
     # their jax.numpy fallbacks instead, so only the GPU benchmark's float32 check runs them)
-    assert "ex2.approx.ftz.f32" in text and "fma.rn.f32" in text
+    for ptx in ("ex2.approx.ftz.f32", "fma.rn.f32", "rcp.approx.ftz.f32"):
+        assert ptx in text, ptx
+
+
+def test_gpu_fast_softplus_and_sigmoid_match_float64():
+    """The GPU kernels' softplus (a polynomial log1p) and sigmoid, as the interpreter runs
+    them, against float64 over every range delta and z take, the tiny-e tail included."""
+    from pallas_kernels.selective_scan import pallas_gpu as pg
+    x = np.concatenate([np.linspace(-40.0, 40.0, 200_001),
+                        np.random.default_rng(0).standard_normal(10_000) * 3]).astype(np.float32)
+    x64 = x.astype(np.float64)
+    # e^x as 2^(x log2 e) inherits the float32 roundings of log2 e and of the product: a
+    # relative error growing as |x| 9e-8 (2e-6 at |x| = 22, where softplus(x) ~ 3e-10)
+    bound = 3e-7 + 1e-7 * np.abs(x64)
+    softplus = np.asarray(pg._softplus(jnp.asarray(x), interpret=True), np.float64)
+    want = np.logaddexp(x64, 0.0)
+    assert np.all(np.abs(softplus - want) / want < bound)
+    sig = np.asarray(pg._sigmoid(jnp.asarray(x), interpret=True), np.float64)
+    want = 1.0 / (1.0 + np.exp(-x64))
+    assert np.all(np.abs(sig - want) / want < bound)
+    e = np.linspace(0.0, 1.0, 100_001, dtype=np.float32)[1:]     # the polynomial alone
+    p = np.float32(pg.LOG1P_COEFFS[-1])
+    for c in pg.LOG1P_COEFFS[-2::-1]:
+        p = p * e + np.float32(c)
+    assert np.max(np.abs(e.astype(np.float64) * p / np.log1p(e.astype(np.float64)) - 1)) < 3e-7
 
 
 def test_gpu_split_counts():
