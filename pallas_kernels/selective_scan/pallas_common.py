@@ -43,8 +43,9 @@ def sigmoid(x):
     return 1.0 / (1.0 + jnp.exp(-x))
 
 
-def gate_and_grad(z):
-    """silu(z) and its derivative silu'(z) = s (1 + z (1 - s)), s = sigmoid(z)."""
+def gate_and_grad(z, sigmoid=sigmoid):
+    """silu(z) and its derivative silu'(z) = s (1 + z (1 - s)), s = sigmoid(z) (a backend
+    may pass its own sigmoid)."""
     s = sigmoid(z)
     return z * s, s * (1.0 + z * (1.0 - s))
 

@@ -30,7 +30,7 @@ Layout (channels last, like the public API):
   registers from 211 to 130 per thread.  The per-channel softplus and gate do the same
   (``_softplus``: exp2 and a polynomial log1p; ``_sigmoid``: exp2 and ``rcp.approx``) in
   place of libdevice's expf, log1pf and IEEE division: 166 -> 126 instructions per warp and
-  step, forward 1.33 -> 1.17 ms, forward + backward 6.07 -> 5.17 ms (H200, Jamba layer);
+  step, forward 1.34 -> 1.12 ms, forward + backward 5.99 -> 5.14 ms (H200, Jamba layer);
 * 2-D blocks (A, checkpoints, initial state, d final) are assembled from n one-row loads:
   a vectorised 2-D load would make Triton split n over 8 threads for the whole kernel and
   repeat each step's per-channel work (softplus, gate) 8 times; from rows, the state keeps
@@ -72,6 +72,7 @@ from .pallas_common import (
     LN2,
     LOG2E,
     f32,
+    gate_and_grad,
     grouped_partials_to_dBC,
     keep_from_segments,
     largest_pow2_divisor,
@@ -299,16 +300,10 @@ def _sigmoid(x, interpret: bool):
     return _rcp(1.0 + _exp2(x * -LOG2E, interpret), interpret)
 
 
-def _gate_and_grad(z, interpret: bool):
-    """silu(z) and its derivative s (1 + z (1 - s)), s = sigmoid(z)."""
-    s = _sigmoid(z, interpret)
-    return z * s, s * (1.0 + z * (1.0 - s))
-
-
 def _log1p_over_x_coeffs(degree: int = 8) -> tuple[float, ...]:
     """Power-basis coefficients of the Chebyshev interpolant of log1p(e) / e on [0, 1].
     Degree 8 evaluated by float32 Horner is within 2.4e-7 relative of log1p(e) (e * P(e))
-    over the whole interval (tests/test_selective_scan_gpu_math.py)."""
+    over the whole interval (``test_gpu_fast_softplus_and_sigmoid_match_float64``)."""
     f = lambda e: np.log1p(e) / e            # Chebyshev nodes are interior: e > 0
     cheb = np.polynomial.Chebyshev.interpolate(f, degree, domain=[0.0, 1.0])
     return tuple(float(c) for c in cheb.convert(kind=np.polynomial.Polynomial).coef)
@@ -319,8 +314,8 @@ LOG1P_COEFFS = _log1p_over_x_coeffs()
 
 def _softplus(x, interpret: bool):
     """log(1 + e^x) = max(x, 0) + log1p(e), e = e^-|x| in (0, 1], with log1p(e) as e times a
-    degree-8 polynomial: one MUFU op and ten FMAs, where the lowering's expf and log1pf cost
-    ~30 instructions.  MUFU's own lg2 is no substitute: its absolute error (2^-22) is a large
+    degree-8 polynomial: one MUFU op and ten FMAs, several times fewer instructions than
+    the lowering's libdevice expf and log1pf.  MUFU's own lg2 is no substitute: its absolute error (2^-22) is a large
     relative error of log1p(e) for the small e that typical delta biases give (e ~ 1e-3)."""
     e = _exp2(jnp.abs(x) * -LOG2E, interpret)
     p = jnp.full(jnp.shape(e), LOG1P_COEFFS[-1], f32)
@@ -683,7 +678,8 @@ def _bwd_kernel(st: _Static, *refs):
         Ct = Ct.astype(f32)
         dout = dout.astype(f32)
         if zt is not None:
-            gate, gate_grad = _gate_and_grad(zt.astype(f32), st.interpret)
+            gate, gate_grad = gate_and_grad(
+                zt.astype(f32), functools.partial(_sigmoid, interpret=st.interpret))
             y = jnp.sum(h * Ct[:, None], axis=0)
             if st.has_D:
                 y = y + Dv * u
