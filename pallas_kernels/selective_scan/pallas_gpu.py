@@ -315,8 +315,9 @@ LOG1P_COEFFS = _log1p_over_x_coeffs()
 def _softplus(x, interpret: bool):
     """log(1 + e^x) = max(x, 0) + log1p(e), e = e^-|x| in (0, 1], with log1p(e) as e times a
     degree-8 polynomial: one MUFU op and ten FMAs, several times fewer instructions than
-    the lowering's libdevice expf and log1pf.  MUFU's own lg2 is no substitute: its absolute error (2^-22) is a large
-    relative error of log1p(e) for the small e that typical delta biases give (e ~ 1e-3)."""
+    the lowering's libdevice expf and log1pf.  MUFU's own lg2 is no substitute: its absolute
+    error (2^-22) is a large relative error of log1p(e) for the small e that typical delta
+    biases give (e ~ 1e-3)."""
     e = _exp2(jnp.abs(x) * -LOG2E, interpret)
     p = jnp.full(jnp.shape(e), LOG1P_COEFFS[-1], f32)
     for c in LOG1P_COEFFS[-2::-1]:
