@@ -32,6 +32,7 @@ A log and a JSON of all numbers go to $OUT when it is set; the short table is pr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import json
@@ -48,6 +49,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pallas_kernels.selective_scan import selective_scan_reference, selective_scan_xla  # noqa: E402
+from pallas_kernels.selective_scan.pallas_mgpu import selective_scan_fwd_mgpu  # noqa: E402
 from pallas_kernels.selective_scan.pallas_gpu import (  # noqa: E402
     GpuConfig,
     default_seq_splits,
@@ -55,7 +57,7 @@ from pallas_kernels.selective_scan.pallas_gpu import (  # noqa: E402
 )
 
 SHAPES = {"jamba-v0.1": (2, 4096, 8192, 16), "mamba-130m": (8, 2048, 1536, 16)}
-TINY_SHAPES = {"tiny": (2, 70, 64, 16)}
+TINY_SHAPES = {"tiny": (2, 70, 128, 16)}
 # forward variants: (fwd_d_block, fwd_num_warps, unroll, prefetch); backward: (bwd_d_block,
 # bwd_num_warps, chunk, sub_chunk).  The first of each is GpuConfig's default.  Variants are
 # timed at the first shape only; later shapes use the fastest.
@@ -167,6 +169,20 @@ def check_small(interpret, config=None):
     return errs
 
 
+def check_mgpu_small(interpret):
+    """The Mosaic GPU forward prototype in float32 vs the sequential reference."""
+    b, l, d, n = 2, 203, 256, 16
+    x = make_inputs(1, b, l, d, n, jnp.float32)
+    x["initial_state"] = jnp.asarray(np.random.default_rng(2).standard_normal((b, d, n)), jnp.float32)
+    seg = np.zeros((b, l), np.int32)
+    seg[:, 50:] += 1
+    seg = jnp.asarray(seg)
+    kw = dict(delta_softplus=True, segment_ids=seg)
+    y, s = jax.jit(functools.partial(selective_scan_fwd_mgpu, **kw, interpret=interpret))(**x)
+    y0, s0 = jax.jit(functools.partial(selective_scan_reference, **kw))(**x)
+    return {"y": rel(y, y0), "final_state": rel(s, s0)}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tiny", action="store_true", help="CPU smoke test in interpret mode")
@@ -187,6 +203,10 @@ def main():
                         "SHAPE:SEQ_SPLITS:D_BLOCK[:UNROLL[:BWD_SEQ_SPLITS]]; with the fifth "
                         "field also forward + backward (e.g. 'jamba-v0.1:2:16:2,0:1:16:4:2'); "
                         "--shapes none times only the sweep")
+    p.add_argument("--mgpu", default="",
+                   help="also time the Mosaic GPU forward prototype (pallas_mgpu), comma-"
+                        "separated BLOCK_L:STAGES variants, e.g. '16:2,32:3'; checked in "
+                        "float32 against the reference first")
     args = p.parse_args()
     start = time.time()
     out_dir = os.environ.get("OUT")
@@ -233,6 +253,11 @@ def main():
                     f"{'OK' if worst < 1e-4 else 'FAIL'} ({time.time() - t:.0f}s)")
                 log("  " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
 
+        if args.mgpu and not args.skip_check:
+            errs = check_mgpu_small(interpret)
+            results["checks"]["mgpu_float32_vs_reference"] = errs
+            log("check mgpu forward float32 vs reference (b=2 l=203 d=256 n=16, segments, "
+                "initial state): " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
         for name, (b, l, d, n) in shapes.items():
             x = make_inputs(7, b, l, d, n, jnp.bfloat16)
             dy = jnp.asarray(np.random.default_rng(8).standard_normal((b, l, d)), jnp.bfloat16)
@@ -309,6 +334,17 @@ def main():
                 record(label, "fwd+bwd", fwd_bwd_fn(impl), (x, dy), args.inner)
                 if len(rows) > before and (best_b is None or rows[-1]["ms"] < best_b):
                     best_b, best_bv = rows[-1]["ms"], bv
+            for item in filter(None, args.mgpu.split(",") if d % 128 == 0 else []):
+                K, stages = map(int, item.split(":"))
+                impl = functools.partial(selective_scan_fwd_mgpu, block_l=K,
+                                         max_concurrent_steps=stages, interpret=interpret)
+                record(f"mgpu fwd(K={K},stages={stages})", "fwd", fwd_fn(impl), (x,), args.inner)
+            if args.mgpu and d % 128 == 0:   # its checkpoints (every 16 steps) + our backward
+                cfg = gpu_cfg(best_fv, best_bv)
+                impl = functools.partial(selective_scan_pallas_gpu, interpret=interpret,
+                                         config=dataclasses.replace(cfg, forward="mgpu"))
+                record("mgpu fwd(K=16,stages=2) + pallas bwd", "fwd+bwd", fwd_bwd_fn(impl),
+                       (x, dy), args.inner)
             # later shapes: only the fastest variants
             fwd_variants, bwd_variants = [best_fv], [best_bv]
             del x, dy, ref_out
@@ -419,6 +455,11 @@ def summary(rows):
                     f"{base / b['ms']:7.1f}x {floor:7.3f} {b['ms'] / floor:6.2f}x  {b['impl']}")
             else:
                 log(f"{shape:11s} {mode:8s} {'n/a':>11s} {xla_ms:9.2f} {ref_ms:9.2f}")
+            mgpu = [r for r in sel if r["impl"].startswith("mgpu")]
+            if mgpu:
+                b = min(mgpu, key=lambda r: r["ms"])
+                log(f"{shape:11s} {mode:8s} {b['ms']:11.3f} (Mosaic GPU prototype) "
+                    f"{b['ms'] / floor:6.2f}x floor  {b['impl']}")
 
 
 if __name__ == "__main__":

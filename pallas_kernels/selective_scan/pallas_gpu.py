@@ -7,7 +7,11 @@ lowering takes plain ``jax.numpy`` on refs, lays out registers itself, and runs 
 ``interpret=True`` on a CPU, which is how this file is tested.  It is selected explicitly
 with ``compiler_params=pltriton.CompilerParams(...)`` (jax >= 0.9 defaults to Mosaic GPU
 when no compiler params are given).  JAX 0.11 deprecates the Triton lowering; porting these
-two kernels to Mosaic GPU (``plgpu.kernel``) is the way forward when it is removed.
+two kernels to Mosaic GPU (``plgpu.kernel``) is the way forward when it is removed.  The
+measurements since then point the same way: the forward is bound by load latency that the
+Triton lowering gives no control over, and Mosaic GPU's TMA pipelines address exactly that.
+``pallas_mgpu`` holds a Mosaic GPU forward (``GpuConfig(forward="mgpu")``; prototype, checked
+in the interpreters, not yet measured on a GPU) whose checkpoints feed the backward below.
 
 Layout (channels last, like the public API):
 
@@ -61,15 +65,17 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.gpu_splits import chain_splits, effective_splits, num_sms
 
+from .pallas_mgpu import forward_arrays as mgpu_forward
 from .pallas_common import (
+    ScanOptions,
     LN2,
+    LOG1P_COEFFS,
     LOG2E,
     f32,
     gate_and_grad,
@@ -95,6 +101,9 @@ class GpuConfig:
     seq_splits / bwd_seq_splits: programs along the sequence in the forward / the backward
       (any positive int; the kernels use the largest divisor of l // chunk not above it).
       None picks them with ``default_seq_splits``.
+    forward: "triton" (the kernels below) or "mgpu": the Mosaic GPU forward of ``pallas_mgpu``
+      (one program per 128 channels, no sequence splits; its checkpoints every ``chunk``
+      steps feed the same backward).  Prototype.
     """
     fwd_d_block: int = 16
     fwd_num_warps: int = 1
@@ -107,8 +116,11 @@ class GpuConfig:
     sub_chunk: int = 4
     seq_splits: int | None = None
     bwd_seq_splits: int | None = None
+    forward: str = "triton"
 
     def __post_init__(self):
+        if self.forward not in ("triton", "mgpu"):
+            raise ValueError(f"GpuConfig.forward must be 'triton' or 'mgpu', found {self.forward!r}")
         for name in ("fwd_d_block", "fwd_num_warps", "unroll", "bwd_d_block", "bwd_num_warps",
                      "chunk", "sub_chunk"):
             v = getattr(self, name)
@@ -164,7 +176,7 @@ def default_seq_splits(b: int, l: int, d: int, g: int = 1, config: GpuConfig | N
     max_warps = MAX_WARPS_PER_SM * num_sms()
     out = []
     for req, block, warps in (
-            (cfg.seq_splits, cfg.fwd_d_block, cfg.fwd_num_warps),
+            (1 if cfg.forward == "mgpu" else cfg.seq_splits, cfg.fwd_d_block, cfg.fwd_num_warps),
             (cfg.bwd_seq_splits, cfg.bwd_d_block, cfg.bwd_num_warps)):
         if req is None:
             grid = b * (d // largest_pow2_divisor(d // g, block)) * warps
@@ -174,19 +186,13 @@ def default_seq_splits(b: int, l: int, d: int, g: int = 1, config: GpuConfig | N
 
 
 @dataclasses.dataclass(frozen=True)
-class _Static:
+class _Static(ScanOptions):
     """Everything static about one call (hashable: the custom_vjp's nondiff argument)."""
     b: int
     l: int
     d: int
     n: int          # padded to a power of two
     g: int
-    softplus: bool
-    has_D: bool
-    has_z: bool
-    has_bias: bool
-    has_h0: bool
-    has_keep: bool
     fwd_block: int
     bwd_block: int
     fwd_splits: int
@@ -298,18 +304,6 @@ def _rcp(x, interpret: bool):
 def _sigmoid(x, interpret: bool):
     """1 / (1 + e^-x): two MUFU ops and an add (e^-x overflowing to inf gives 0)."""
     return _rcp(1.0 + _exp2(x * -LOG2E, interpret), interpret)
-
-
-def _log1p_over_x_coeffs(degree: int = 8) -> tuple[float, ...]:
-    """Power-basis coefficients of the Chebyshev interpolant of log1p(e) / e on [0, 1].
-    Degree 8 evaluated by float32 Horner is within 2.4e-7 relative of log1p(e) (e * P(e))
-    over the whole interval (``test_gpu_fast_softplus_and_sigmoid_match_float64``)."""
-    f = lambda e: np.log1p(e) / e            # Chebyshev nodes are interior: e > 0
-    cheb = np.polynomial.Chebyshev.interpolate(f, degree, domain=[0.0, 1.0])
-    return tuple(float(c) for c in cheb.convert(kind=np.polynomial.Polynomial).coef)
-
-
-LOG1P_COEFFS = _log1p_over_x_coeffs()
 
 
 def _softplus(x, interpret: bool):
@@ -529,6 +523,9 @@ def _entering_states(st: _Static, arrays):
 def _forward(st: _Static, arrays, save: bool):
     u, delta, A2, B, C, D, z, bias, h0, keep = arrays
     b, l, d, n, db, S = st.b, st.l, st.d, st.n, st.fwd_block, st.fwd_splits
+    if st.cfg.forward == "mgpu":
+        return mgpu_forward(u, delta, A2, B, C, D, z, bias, h0, keep, softplus=st.softplus,
+                              block_l=st.cfg.chunk, save=save, interpret=st.interpret)
     init = _entering_states(st, arrays) if S > 1 else (h0[:, None] if h0 is not None else None)
     s = _specs(st, db, S)
     present = [(u, s["bld"]), (delta, s["bld"]), (A2, s["nd"]), (B, s["blgn"]), (C, s["blgn"]),

@@ -36,6 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from .pallas_common import (
+    ScanOptions,
     f32,
     gate_and_grad,
     keep_from_segments,
@@ -58,18 +59,12 @@ DEFAULT_CONFIG = TpuConfig()
 
 
 @dataclasses.dataclass(frozen=True)
-class _Static:
+class _Static(ScanOptions):
     b: int
     l: int
     d: int
     n: int
     g: int
-    softplus: bool
-    has_D: bool
-    has_z: bool
-    has_bias: bool
-    has_h0: bool
-    has_keep: bool
     d_block: int
     chunk: int
     interpret: bool

@@ -1,0 +1,254 @@
+"""Selective-scan forward as a Pallas Mosaic GPU kernel (Hopper): prototype, not yet measured.
+
+Why: the Triton-lowered forward (``pallas_gpu``) is bound by load latency. ptxas places the
+prefetch loads late, and with b * d / 16 one-warp programs there are only ~2 warps per
+scheduler to hide that latency (BENCHMARKS.md, selective scan, session 6).  Here
+``plgpu.emit_pipeline`` streams (K, 128) tiles of u / delta / z and (K, n) tiles of B / C into
+shared memory with TMA, ``max_concurrent_steps`` tiles ahead, so the recurrence reads shared
+memory only.
+
+Layout: ``plgpu.kernel`` over (b, d / 128); a program is one warpgroup (128 threads) holding
+128 channels, one per thread, and all n states of its channel in registers (n separate
+(128,) arrays, the pipeline's carry).  So the per-channel work (softplus, gate, D) is done once
+per channel and y's sum over the states is a chain of multiply-adds with no shuffles; B[t, i]
+and C[t, i] are scalar shared-memory reads (broadcast to every thread).  y tiles (and with
+``save`` the state entering every tile: (b, l / K, n, d), the Triton backward's checkpoints
+when K equals its chunk) go back through double-buffered shared memory and TMA stores.
+
+Tested on the CPU in JAX's Mosaic GPU interpreter and by lowering for CUDA (which runs the
+Mosaic GPU layout passes).  ``plgpu.kernel`` rather than ``pl.pallas_call``: JAX 0.11 lowers
+Mosaic GPU only through the former.  Float32 state throughout.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from .pallas_common import LOG1P_COEFFS, LOG2E, ScanOptions, f32, keep_from_segments
+
+try:
+    InterpretGPUParams = plgpu.InterpretGPUParams                  # jax >= 0.11
+except AttributeError:                                              # jax 0.10: not public yet
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+LANES = 128            # channels per program: one warpgroup, one channel per thread
+
+
+def _softplus(x):
+    """max(x, 0) + log1p(e^-|x|), log1p(e) as e * P(e) (see ``pallas_common.LOG1P_COEFFS``)."""
+    e = jnp.exp2(jnp.abs(x) * -LOG2E)
+    p = jnp.full(x.shape, LOG1P_COEFFS[-1], f32)
+    for c in LOG1P_COEFFS[-2::-1]:
+        p = p * e + c
+    return e * p + jnp.maximum(x, 0.0)
+
+
+def _recurrence(cfg, A2, Dv, bias, s, u_ref, dt_ref, B_ref, C_ref, z_ref, keep_ref, y_ref, h):
+    """K steps of one tile from shared memory: h (n arrays of (128,)) -> h after the tile."""
+    l, n, K, softplus = cfg.l, cfg.n, cfg.K, cfg.softplus
+    tail = l % K                      # steps of the last tile past l are padding
+
+    def step(t, h):
+        u = u_ref[t, :].astype(f32)
+        dl = dt_ref[t, :].astype(f32)
+        if bias is not None:
+            dl = dl + bias
+        if softplus:
+            dl = _softplus(dl)
+        if tail:                      # padding steps leave the state as it is
+            dl = jnp.where(s * K + t < l, dl, 0.0)
+        x = dl * u
+        keep = keep_ref[t, 0] if keep_ref is not None else None
+        y = None
+        out = []
+        for i in range(n):
+            a = jnp.exp2(dl * A2[i])
+            if keep is not None:
+                a = a * keep
+            hi = a * h[i] + B_ref[t, i] * x
+            y = C_ref[t, i] * hi if y is None else y + C_ref[t, i] * hi
+            out.append(hi)
+        if Dv is not None:
+            y = y + Dv * u
+        if z_ref is not None:
+            zt = z_ref[t, :].astype(f32)
+            y = y * (zt / (1.0 + jnp.exp2(zt * -LOG2E)))
+        y_ref[t, :] = y.astype(y_ref.dtype)
+        return tuple(out)
+
+    return lax.fori_loop(0, K, step, h)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg(ScanOptions):
+    l: int
+    n: int
+    K: int
+    save: bool
+    blocks_per_group: int
+    stages: int
+
+
+def _kernel(cfg: _Cfg, *refs):
+    """One program: batch row i, channels j*128 .. j*128+127, the whole sequence."""
+    n, K = cfg.n, cfg.K
+    it = iter(refs)
+    u_g, dt_g, A_g, B_g, C_g = (next(it) for _ in range(5))
+    D_g = next(it) if cfg.has_D else None
+    z_g = next(it) if cfg.has_z else None
+    bias_g = next(it) if cfg.has_bias else None
+    h0_g = next(it) if cfg.has_h0 else None
+    keep_g = next(it) if cfg.has_keep else None
+    y_g, final_g = next(it), next(it)
+    ck_g = next(it) if cfg.save else None
+    consts, state, y_buf = next(it), next(it), next(it)
+    ck_buf = next(it) if cfg.save else None
+    barrier = next(it)
+
+    i, j = lax.axis_index("b"), lax.axis_index("c")
+    cols = pl.ds(j * LANES, LANES)
+    # per-program constants once into shared memory: A log2(e) rows, then D and bias
+    plgpu.copy_gmem_to_smem(A_g.at[:, cols], consts.at[pl.ds(0, n)], barrier)
+    plgpu.barrier_wait(barrier)
+    row = n
+    extra = [(D_g, cfg.has_D), (bias_g, cfg.has_bias)]
+    for ref, present in extra:
+        if present:
+            plgpu.copy_gmem_to_smem(ref.at[cols], consts.at[row], barrier)
+            plgpu.barrier_wait(barrier)
+            row += 1
+    # the entering state goes through shared memory either way: a constant zero would have a
+    # splat layout, and the pipeline's carry must keep the loaded one (one element per thread)
+    if cfg.has_h0:
+        plgpu.copy_gmem_to_smem(h0_g.at[i, :, cols], state, barrier)
+        plgpu.barrier_wait(barrier)
+    else:
+        for k in range(n):
+            state[k, :] = jnp.zeros((LANES,), f32)
+    h = tuple(state[k, :] for k in range(n))
+    A2 = [consts[k, :] for k in range(n)]
+    row = n
+    Dv = bias = None
+    if cfg.has_D:
+        Dv, row = consts[row, :], row + 1
+    if cfg.has_bias:
+        bias = consts[row, :]
+
+    g = j // cfg.blocks_per_group
+    tile = lambda: pl.BlockSpec((None, K, LANES), lambda s: (i, s, j))
+    in_specs = [tile(), tile(),
+                pl.BlockSpec((None, K, None, n), lambda s: (i, s, g, 0)),
+                pl.BlockSpec((None, K, None, n), lambda s: (i, s, g, 0))]
+    ins = [u_g, dt_g, B_g, C_g]
+    if cfg.has_z:
+        in_specs.append(tile())
+        ins.append(z_g)
+    if cfg.has_keep:
+        in_specs.append(pl.BlockSpec((None, K, 32), lambda s: (i, s, 0)))
+        ins.append(keep_g)
+    # outputs are written back by hand, double-buffered: the pipeline's own output copies are
+    # predicated, which this JAX's Mosaic GPU interpreter cannot run
+    def body(idx, *refs_and_carry):
+        (s,) = idx
+        *refs, h = refs_and_carry
+        it = iter(refs)
+        u_r, dt_r, B_r, C_r = (next(it) for _ in range(4))
+        z_r = next(it) if cfg.has_z else None
+        keep_r = next(it) if cfg.has_keep else None
+        slot = lax.rem(s, 2)
+        plgpu.wait_smem_to_gmem(1, wait_read_only=True)    # slot's copy of step s - 2 is done
+        if cfg.save:
+            for k in range(n):
+                ck_buf[slot, k, :] = h[k]
+        h = _recurrence(cfg, A2, Dv, bias, s, u_r, dt_r, B_r, C_r, z_r, keep_r,
+                        y_buf.at[slot], h)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(y_buf.at[slot], y_g.at[i, pl.ds(s * K, K), cols],
+                                commit_group=not cfg.save)
+        if cfg.save:
+            plgpu.copy_smem_to_gmem(ck_buf.at[slot], ck_g.at[i, s, :, cols])
+        return h
+
+    steps = u_g.shape[1] // K
+    h = plgpu.emit_pipeline(body, grid=(steps,), in_specs=in_specs,
+                            max_concurrent_steps=cfg.stages, init_carry=h)(*ins)
+    for k in range(n):
+        state[k, :] = h[k]
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(state, final_g.at[i, :, cols])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def forward_arrays(u, delta, A2, B, C, D, z, bias, h0, keep, *, softplus: bool, block_l: int,
+                   save: bool, stages: int = 2, interpret: bool = False):
+    """The kernel on arrays already in the GPU backends' layout: A2 = A log2(e) as (n, d);
+    B, C float32 (b, l, g, n); h0 float32 (b, n, d); keep float32 (b, l) (0 where a segment
+    starts) or None.  Returns y (b, l, d), the final state (b, n, d) and, with ``save``, the
+    state entering every ``block_l`` steps (b, ceil(l / block_l), n, d); else None."""
+    b, l, d = u.shape
+    n, g = A2.shape[0], B.shape[2]
+    if (d // g) % LANES:
+        raise ValueError(f"channels per group ({d // g}) must be a multiple of {LANES}")
+    K = block_l
+    if (K * n * 4) % 128:
+        raise ValueError(f"a (block_l, n) float32 tile of B must be a multiple of 128 bytes "
+                         f"(TMA): block_l={K}, n={n}")
+    steps = pl.cdiv(l, K)
+    L = steps * K
+    pad_l = lambda x: jnp.pad(x, [(0, 0), (0, L - l)] + [(0, 0)] * (x.ndim - 2))
+    if keep is not None:   # a copy moves a multiple of 128 bytes: (b, l) travels as (b, l, 32)
+        keep = jnp.broadcast_to(
+            jnp.pad(keep, [(0, 0), (0, L - l)], constant_values=1.0)[:, :, None], (b, L, 32))
+    ins = [pad_l(u), pad_l(delta), A2, pad_l(B), pad_l(C), D,
+           None if z is None else pad_l(z), bias, h0, keep]
+    cfg = _Cfg(l=l, n=n, K=K, softplus=bool(softplus), has_D=D is not None,
+               has_z=z is not None, has_bias=bias is not None, has_h0=h0 is not None,
+               has_keep=keep is not None, save=bool(save), blocks_per_group=(d // g) // LANES,
+               stages=stages)
+    out_type = [jax.ShapeDtypeStruct((b, L, d), u.dtype), jax.ShapeDtypeStruct((b, n, d), f32)]
+    if save:
+        out_type.append(jax.ShapeDtypeStruct((b, steps, n, d), f32))
+    consts_rows = n + cfg.has_D + cfg.has_bias
+    outs = plgpu.kernel(
+        functools.partial(_kernel, cfg),
+        out_type=out_type,
+        scratch_types=[plgpu.SMEM((consts_rows, LANES), f32), plgpu.SMEM((n, LANES), f32),
+                       plgpu.SMEM((2, K, LANES), u.dtype),
+                       *([plgpu.SMEM((2, n, LANES), f32)] if save else []),
+                       plgpu.Barrier()],
+        grid=(b, d // LANES),
+        grid_names=("b", "c"),
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=InterpretGPUParams() if interpret else None,
+    )(*(x for x in ins if x is not None))
+    return outs[0][:, :l], outs[1], (outs[2] if save else None)
+
+
+@functools.partial(jax.jit, static_argnames=("delta_softplus", "block_l", "save", "interpret",
+                                             "max_concurrent_steps"))
+def selective_scan_fwd_mgpu(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
+                            delta_softplus=False, initial_state=None, segment_ids=None,
+                            block_l=16, save=False, interpret=False, max_concurrent_steps=2):
+    """The forward of ``selective_scan`` (channels last): u, delta, z (b, l, d); A (d, n);
+    B, C (b, l, n) or (b, l, g, n); initial_state (b, d, n).  Returns y (b, l, d) in u's dtype
+    and the final state (b, d, n) float32, plus with ``save`` the state entering every
+    ``block_l`` steps, (b, ceil(l / block_l), n, d) float32.  ``interpret``: run on the CPU
+    in the Mosaic GPU interpreter."""
+    b, l, d = u.shape
+    if B.ndim == 3:
+        B, C = B[:, :, None], C[:, :, None]
+    y, final, ck = forward_arrays(
+        u, delta, (A.astype(f32) * LOG2E).T, B.astype(f32), C.astype(f32),
+        None if D is None else D.astype(f32), z,
+        None if delta_bias is None else delta_bias.astype(f32),
+        None if initial_state is None else jnp.swapaxes(initial_state.astype(f32), 1, 2),
+        keep_from_segments(segment_ids, b, l), softplus=delta_softplus, block_l=block_l,
+        save=save, stages=max_concurrent_steps, interpret=interpret)
+    final = jnp.swapaxes(final, 1, 2)
+    return (y, final, ck) if save else (y, final)
