@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .pallas_common import LOG1P_COEFFS, LOG2E, ScanOptions, f32, keep_from_segments
+from .pallas_common import LOG2E, ScanOptions, f32, keep_from_segments, softplus_poly
 
 try:
     InterpretGPUParams = plgpu.InterpretGPUParams                  # jax >= 0.11
@@ -38,15 +38,6 @@ except AttributeError:                                              # jax 0.10: 
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
 LANES = 128            # channels per program: one warpgroup, one channel per thread
-
-
-def _softplus(x):
-    """max(x, 0) + log1p(e^-|x|), log1p(e) as e * P(e) (see ``pallas_common.LOG1P_COEFFS``)."""
-    e = jnp.exp2(jnp.abs(x) * -LOG2E)
-    p = jnp.full(x.shape, LOG1P_COEFFS[-1], f32)
-    for c in LOG1P_COEFFS[-2::-1]:
-        p = p * e + c
-    return e * p + jnp.maximum(x, 0.0)
 
 
 def _recurrence(cfg, A2, Dv, bias, s, u_ref, dt_ref, B_ref, C_ref, z_ref, keep_ref, y_ref, h):
@@ -60,7 +51,7 @@ def _recurrence(cfg, A2, Dv, bias, s, u_ref, dt_ref, B_ref, C_ref, z_ref, keep_r
         if bias is not None:
             dl = dl + bias
         if softplus:
-            dl = _softplus(dl)
+            dl = softplus_poly(dl)
         if tail:                      # padding steps leave the state as it is
             dl = jnp.where(s * K + t < l, dl, 0.0)
         x = dl * u
