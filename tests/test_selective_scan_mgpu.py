@@ -14,6 +14,10 @@ CASES = {
     "all_options": dict(softplus=True, segments=True, keys=("D", "z", "delta_bias", "initial_state")),
     "plain": dict(softplus=False, segments=False, keys=()),
     "groups": dict(softplus=True, segments=False, keys=("D", "z"), groups=2),
+    # half the decays on the multiply-add units, the tile loop unrolled by 4
+    "poly_exp_unrolled": dict(softplus=True, segments=True, keys=("D", "z", "initial_state"),
+                              poly_exp=8, unroll=4),
+    "all_poly_exp": dict(softplus=False, segments=True, keys=("z",), poly_exp=16, unroll=16),
 }
 
 
@@ -26,7 +30,8 @@ def test_forward_matches_reference(case):
     seg = segments_from_starts(b, l, [9, 22]) if c["segments"] else None
     args = (x["u"], x["delta"], x["A"], x["B"], x["C"])
     y, s = selective_scan_fwd_mgpu(*args, **kw, delta_softplus=c["softplus"],
-                                   segment_ids=seg, interpret=True)
+                                   segment_ids=seg, interpret=True,
+                                   poly_exp=c.get("poly_exp", 0), unroll=c.get("unroll", 1))
     y0, s0 = selective_scan_reference(*args, **kw, delta_softplus=c["softplus"],
                                       segment_ids=seg)
     assert rel_l2(y, y0) < 1e-5 and rel_l2(s, s0) < 1e-5
@@ -58,9 +63,18 @@ def test_lowers_for_cuda():
              z=T((b, l, d), jnp.bfloat16), delta_bias=T((d,), f32),
              initial_state=T((b, d, n), f32))
     f = lambda x, seg: selective_scan_fwd_mgpu(**x, delta_softplus=True, segment_ids=seg,
-                                               save=True)
+                                               save=True, poly_exp=4, unroll=16)
     text = jax.jit(f).trace(x, T((b, l), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+def test_bad_options_raise():
+    x = make_inputs(3, b=1, l=20, d=128, n=4)
+    args = (x["u"], x["delta"], x["A"], x["B"], x["C"])
+    with pytest.raises(ValueError, match="poly_exp"):
+        selective_scan_fwd_mgpu(*args, poly_exp=5, interpret=True)
+    with pytest.raises(ValueError, match="unroll"):
+        selective_scan_fwd_mgpu(*args, unroll=3, interpret=True)
 
 
 def test_bf16_inputs():

@@ -104,6 +104,8 @@ class GpuConfig:
     forward: "triton" (the kernels below) or "mgpu": the Mosaic GPU forward of ``pallas_mgpu``
       (one program per 128 channels, no sequence splits; its checkpoints every ``chunk``
       steps feed the same backward).  Prototype.
+    mgpu_stages / mgpu_poly_exp / mgpu_unroll: that forward's input tiles in flight, states
+      whose decay exponential runs on the multiply-add units, steps unrolled per tile loop.
     """
     fwd_d_block: int = 16
     fwd_num_warps: int = 1
@@ -117,6 +119,9 @@ class GpuConfig:
     seq_splits: int | None = None
     bwd_seq_splits: int | None = None
     forward: str = "triton"
+    mgpu_stages: int = 2
+    mgpu_poly_exp: int = 0
+    mgpu_unroll: int = 1
 
     def __post_init__(self):
         if self.forward not in ("triton", "mgpu"):
@@ -521,7 +526,9 @@ def _forward(st: _Static, arrays, save: bool):
     b, l, d, n, db, S = st.b, st.l, st.d, st.n, st.fwd_block, st.fwd_splits
     if st.cfg.forward == "mgpu":
         return mgpu_forward(u, delta, A2, B, C, D, z, bias, h0, keep, softplus=st.softplus,
-                            block_l=st.cfg.chunk, save=save, interpret=st.interpret)
+                            block_l=st.cfg.chunk, save=save, stages=st.cfg.mgpu_stages,
+                            poly_exp=st.cfg.mgpu_poly_exp, unroll=st.cfg.mgpu_unroll,
+                            interpret=st.interpret)
     init = _entering_states(st, arrays) if S > 1 else (h0[:, None] if h0 is not None else None)
     s = _specs(st, db, S)
     present = [(u, s["bld"]), (delta, s["bld"]), (A2, s["nd"]), (B, s["blgn"]), (C, s["blgn"]),

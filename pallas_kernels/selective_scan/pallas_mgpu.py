@@ -15,6 +15,12 @@ and C[t, i] are scalar shared-memory reads (broadcast to every thread).  y tiles
 ``save`` the state entering every tile: (b, l / K, n, d), the Triton backward's checkpoints
 when K equals its chunk) go back through double-buffered shared memory and TMA stores.
 
+The arithmetic avoids the slow paths of the special-function unit (MUFU, 16 results per
+clock and SM, the bound of this loop: one 2^x per state and step): a segment reset is folded
+into the decay's exponent, the gate's sigmoid is rsqrt(1 + e^-z)^2 rather than an IEEE
+division, and ``poly_exp`` of the n decays can move to the multiply-add units
+(``pallas_common.exp2_poly``, 128 per clock) to balance the two.
+
 Tested on the CPU in JAX's Mosaic GPU interpreter and by lowering for CUDA (which runs the
 Mosaic GPU layout passes).  ``plgpu.kernel`` rather than ``pl.pallas_call``: JAX 0.11 lowers
 Mosaic GPU only through the former.  Float32 state throughout.
@@ -30,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .pallas_common import LOG2E, ScanOptions, f32, keep_from_segments, softplus_poly
+from .pallas_common import LOG2E, ScanOptions, exp2_poly, f32, keep_from_segments, softplus_poly
 
 try:
     InterpretGPUParams = plgpu.InterpretGPUParams                  # jax >= 0.11
@@ -41,7 +47,12 @@ LANES = 128            # channels per program: one warpgroup, one channel per th
 
 
 def _recurrence(cfg, A2, Dv, bias, s, u_ref, dt_ref, B_ref, C_ref, z_ref, keep_ref, y_ref, h):
-    """K steps of one tile from shared memory: h (n arrays of (128,)) -> h after the tile."""
+    """K steps of one tile from shared memory: h (n arrays of (128,)) -> h after the tile.
+
+    The decay of state i is 2^(delta A_i log2(e) + k_t), k_t = log2 of the keep factor (0, or
+    -inf where a segment starts), so a reset costs no multiply.  The first ``poly_exp``
+    states take their 2^x on the multiply-add units (``exp2_poly``), the rest on the
+    special-function unit, whose 16 results per clock and SM bound this loop otherwise."""
     l, n, K, softplus = cfg.l, cfg.n, cfg.K, cfg.softplus
     tail = l % K                      # steps of the last tile past l are padding
 
@@ -55,13 +66,12 @@ def _recurrence(cfg, A2, Dv, bias, s, u_ref, dt_ref, B_ref, C_ref, z_ref, keep_r
         if tail:                      # padding steps leave the state as it is
             dl = jnp.where(s * K + t < l, dl, 0.0)
         x = dl * u
-        keep = keep_ref[t, 0] if keep_ref is not None else None
+        log2_keep = keep_ref[t, 0] if keep_ref is not None else None
         y = None
         out = []
         for i in range(n):
-            a = jnp.exp2(dl * A2[i])
-            if keep is not None:
-                a = a * keep
+            arg = dl * A2[i] if log2_keep is None else dl * A2[i] + log2_keep
+            a = exp2_poly(arg) if i < cfg.poly_exp else jnp.exp2(arg)
             hi = a * h[i] + B_ref[t, i] * x
             y = C_ref[t, i] * hi if y is None else y + C_ref[t, i] * hi
             out.append(hi)
@@ -69,11 +79,12 @@ def _recurrence(cfg, A2, Dv, bias, s, u_ref, dt_ref, B_ref, C_ref, z_ref, keep_r
             y = y + Dv * u
         if z_ref is not None:
             zt = z_ref[t, :].astype(f32)
-            y = y * (zt / (1.0 + jnp.exp2(zt * -LOG2E)))
+            r = lax.rsqrt(1.0 + jnp.exp2(zt * -LOG2E))    # sigmoid = r^2: no IEEE division
+            y = y * (zt * (r * r))
         y_ref[t, :] = y.astype(y_ref.dtype)
         return tuple(out)
 
-    return lax.fori_loop(0, K, step, h)
+    return lax.fori_loop(0, K, step, h, unroll=cfg.unroll)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +95,8 @@ class _Cfg(ScanOptions):
     save: bool
     blocks_per_group: int
     stages: int
+    poly_exp: int
+    unroll: int
 
 
 def _kernel(cfg: _Cfg, *refs):
@@ -177,11 +190,16 @@ def _kernel(cfg: _Cfg, *refs):
 
 
 def forward_arrays(u, delta, A2, B, C, D, z, bias, h0, keep, *, softplus: bool, block_l: int,
-                   save: bool, stages: int = 2, interpret: bool = False):
+                   save: bool, stages: int = 2, poly_exp: int = 0, unroll: int = 1,
+                   interpret: bool = False):
     """The kernel on arrays already in the GPU backends' layout: A2 = A log2(e) as (n, d);
     B, C float32 (b, l, g, n); h0 float32 (b, n, d); keep float32 (b, l) (0 where a segment
     starts) or None.  Returns y (b, l, d), the final state (b, n, d) and, with ``save``, the
-    state entering every ``block_l`` steps (b, ceil(l / block_l), n, d); else None."""
+    state entering every ``block_l`` steps (b, ceil(l / block_l), n, d); else None.
+
+    stages: tiles in flight in the input pipeline; poly_exp: states (of n) whose decay
+    exponential runs on the multiply-add units; unroll: steps unrolled in the tile loop
+    (divides block_l)."""
     b, l, d = u.shape
     n, g = A2.shape[0], B.shape[2]
     if (d // g) % LANES:
@@ -193,15 +211,18 @@ def forward_arrays(u, delta, A2, B, C, D, z, bias, h0, keep, *, softplus: bool, 
     steps = pl.cdiv(l, K)
     L = steps * K
     pad_l = lambda x: jnp.pad(x, [(0, 0), (0, L - l)] + [(0, 0)] * (x.ndim - 2))
-    if keep is not None:   # a copy moves a multiple of 128 bytes: (b, l) travels as (b, l, 32)
-        keep = jnp.broadcast_to(
-            jnp.pad(keep, [(0, 0), (0, L - l)], constant_values=1.0)[:, :, None], (b, L, 32))
+    if not 0 <= poly_exp <= n or block_l % unroll:
+        raise ValueError(f"need 0 <= poly_exp <= n and unroll dividing block_l: "
+                         f"poly_exp={poly_exp}, n={n}, unroll={unroll}, block_l={block_l}")
+    if keep is not None:   # as log2(keep); a copy moves a multiple of 128 bytes: (b, l, 32)
+        log2_keep = jnp.where(keep > 0, 0.0, -jnp.inf).astype(f32)
+        keep = jnp.broadcast_to(jnp.pad(log2_keep, [(0, 0), (0, L - l)])[:, :, None], (b, L, 32))
     ins = [pad_l(u), pad_l(delta), A2, pad_l(B), pad_l(C), D,
            None if z is None else pad_l(z), bias, h0, keep]
     cfg = _Cfg(l=l, n=n, K=K, softplus=bool(softplus), has_D=D is not None,
                has_z=z is not None, has_bias=bias is not None, has_h0=h0 is not None,
                has_keep=keep is not None, save=bool(save), blocks_per_group=(d // g) // LANES,
-               stages=stages)
+               stages=stages, poly_exp=poly_exp, unroll=unroll)
     out_type = [jax.ShapeDtypeStruct((b, L, d), u.dtype), jax.ShapeDtypeStruct((b, n, d), f32)]
     if save:
         out_type.append(jax.ShapeDtypeStruct((b, steps, n, d), f32))
@@ -222,15 +243,17 @@ def forward_arrays(u, delta, A2, B, C, D, z, bias, h0, keep, *, softplus: bool, 
 
 
 @functools.partial(jax.jit, static_argnames=("delta_softplus", "block_l", "save", "interpret",
-                                             "max_concurrent_steps"))
+                                             "max_concurrent_steps", "poly_exp", "unroll"))
 def selective_scan_fwd_mgpu(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                             delta_softplus=False, initial_state=None, segment_ids=None,
-                            block_l=16, save=False, interpret=False, max_concurrent_steps=2):
+                            block_l=16, save=False, interpret=False, max_concurrent_steps=2,
+                            poly_exp=0, unroll=1):
     """The forward of ``selective_scan`` (channels last): u, delta, z (b, l, d); A (d, n);
     B, C (b, l, n) or (b, l, g, n); initial_state (b, d, n).  Returns y (b, l, d) in u's dtype
     and the final state (b, d, n) float32, plus with ``save`` the state entering every
     ``block_l`` steps, (b, ceil(l / block_l), n, d) float32.  ``interpret``: run on the CPU
-    in the Mosaic GPU interpreter."""
+    in the Mosaic GPU interpreter.  max_concurrent_steps, poly_exp, unroll: as stages,
+    poly_exp, unroll of ``forward_arrays``."""
     b, l, d = u.shape
     if B.ndim == 3:
         B, C = B[:, :, None], C[:, :, None]
@@ -240,6 +263,7 @@ def selective_scan_fwd_mgpu(u, delta, A, B, C, *, D=None, z=None, delta_bias=Non
         None if delta_bias is None else delta_bias.astype(f32),
         None if initial_state is None else jnp.swapaxes(initial_state.astype(f32), 1, 2),
         keep_from_segments(segment_ids, b, l), softplus=delta_softplus, block_l=block_l,
-        save=save, stages=max_concurrent_steps, interpret=interpret)
+        save=save, stages=max_concurrent_steps, poly_exp=poly_exp, unroll=unroll,
+        interpret=interpret)
     final = jnp.swapaxes(final, 1, 2)
     return (y, final, ck) if save else (y, final)
