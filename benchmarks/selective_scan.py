@@ -48,6 +48,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from pallas_kernels.cross_lowering import cuda_target  # noqa: E402
 from pallas_kernels.selective_scan import selective_scan_reference, selective_scan_xla  # noqa: E402
 from pallas_kernels.selective_scan.pallas_mgpu import selective_scan_fwd_mgpu  # noqa: E402
 from pallas_kernels.selective_scan.pallas_gpu import (  # noqa: E402
@@ -389,8 +390,9 @@ def lower_check(configs):
     for cfg in configs:
         impl = functools.partial(selective_scan_pallas_gpu, config=cfg)
         S, SB = default_seq_splits(b, l, d, 1, cfg)
-        text = fwd_bwd_fn(impl).trace(x, T((b, l, d), bf)).lower(
-            lowering_platforms=("cuda",)).as_text()
+        with cuda_target():
+            text = fwd_bwd_fn(impl).trace(x, T((b, l, d), bf)).lower(
+                lowering_platforms=("cuda",)).as_text()
         out[f"seq splits fwd/bwd {S}/{SB}"] = text.count("__gpu$xla.gpu.triton")
     return out
 

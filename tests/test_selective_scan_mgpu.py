@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from pallas_kernels.cross_lowering import cuda_target
 from pallas_kernels.selective_scan import selective_scan_reference
 from pallas_kernels.selective_scan.pallas_mgpu import selective_scan_fwd_mgpu
 from tests.helpers import rel_l2
@@ -64,7 +65,9 @@ def test_lowers_for_cuda():
              initial_state=T((b, d, n), f32))
     f = lambda x, seg: selective_scan_fwd_mgpu(**x, delta_softplus=True, segment_ids=seg,
                                                save=True, poly_exp=4, unroll=16)
-    text = jax.jit(f).trace(x, T((b, l), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+    with cuda_target():
+        text = jax.jit(f).trace(x, T((b, l), jnp.int32)).lower(
+            lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 
 
@@ -127,6 +130,7 @@ def test_gpu_backend_with_mgpu_forward_lowers_for_cuda():
             **a, delta_softplus=True, config=GpuConfig(forward="mgpu")), x)
         return vjp((dy, s))[0]
 
-    text = jax.jit(f).trace(x, T((b, l, d), jnp.bfloat16)).lower(
-        lowering_platforms=("cuda",)).as_text()
+    with cuda_target():
+        text = jax.jit(f).trace(x, T((b, l, d), jnp.bfloat16)).lower(
+            lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text and text.count("__gpu$xla.gpu.triton") == 1

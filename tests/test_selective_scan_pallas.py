@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.cross_lowering import cuda_target
 from pallas_kernels.selective_scan import selective_scan, selective_scan_reference
 from pallas_kernels.selective_scan.pallas_gpu import GpuConfig, selective_scan_pallas_gpu
 from pallas_kernels.selective_scan.pallas_tpu import TpuConfig, selective_scan_pallas_tpu
@@ -224,8 +225,9 @@ def test_gpu_split_kernels_lower_for_cuda(splits):
             **a, delta_softplus=True, segment_ids=seg, config=cfg), x)
         return vjp((dy, s))[0]
 
-    text = jax.jit(f).trace(x, T((b, l), jnp.int32), T((b, l, d), jnp.bfloat16)).lower(
-        lowering_platforms=("cuda",)).as_text()
+    with cuda_target():
+        text = jax.jit(f).trace(x, T((b, l), jnp.int32), T((b, l, d), jnp.bfloat16)).lower(
+            lowering_platforms=("cuda",)).as_text()
     kernels = 2 + (splits[0] > 1) + (splits[1] > 1)   # + the split-state kernels
     assert text.count("__gpu$xla.gpu.triton") == kernels
     # exp2, multiply-add and the gate's reciprocal go in as inline PTX (the interpreter runs

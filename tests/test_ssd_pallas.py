@@ -175,7 +175,7 @@ SHARD_MAP_SCRIPT = textwrap.dedent("""
     seg_sharded = jax.device_put(seg, jax.NamedSharding(mesh, P("batch", None)))
     rel = lambda a, b: float(np.linalg.norm(np.ravel(a) - np.ravel(b)) / np.linalg.norm(np.ravel(b)))
 
-    def make_grad(impl, sharded, check_vma, interpret, chunk=16):
+    def make_grad(impl, sharded, check_vma, interpret, chunk=16, mesh=mesh):
         def loss(d, seg):
             def f(d, seg):
                 return ssd(**d, chunk_size=chunk, segment_ids=seg, return_final_state=True,
@@ -197,8 +197,19 @@ SHARD_MAP_SCRIPT = textwrap.dedent("""
         errs = [rel(y_sh, y_1), rel(s_sh, s_1)] + [rel(g_sh[k], g_1[k]) for k in inputs]
         assert max(errs) < 1e-6, (impl, errs)
         # Compile path with check_vma=True (the default): lower for the kernel's platform.
-        make_grad(impl, True, True, False, 128).trace(sharded, seg_sharded).lower(
-            lowering_platforms=(platform,))
+        # For CUDA on an abstract mesh of H100s: JAX 0.11's Triton lowering asks which GPU.
+        args, lower_mesh = (sharded, seg_sharded), mesh
+        if platform == "cuda":
+            gpu = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3",
+                                              num_cores=132, platform="gpu")
+            lower_mesh = jax.sharding.AbstractMesh((2, 2), ("batch", "heads"),
+                                                   abstract_device=gpu)
+            on = lambda v, spec: jax.ShapeDtypeStruct(
+                v.shape, v.dtype, sharding=jax.NamedSharding(lower_mesh, spec))
+            args = ({{k: on(v, specs[k]) for k, v in inputs.items()}}, on(seg, P("batch", None)))
+        with jax.sharding.use_abstract_mesh(lower_mesh.abstract_mesh):
+            make_grad(impl, True, True, False, 128, lower_mesh).trace(*args).lower(
+                lowering_platforms=(platform,))
         print(impl, "ok", max(errs))
 """)
 

@@ -236,7 +236,10 @@ def forward_arrays(u, delta, A2, B, C, D, z, bias, h0, keep, *, softplus: bool, 
                        plgpu.Barrier()],
         grid=(b, d // LANES),
         grid_names=("b", "c"),
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        # Lane semantics (per-thread register layouts, as this kernel is written): the
+        # default until JAX 0.10, Warpgroup from 0.11
+        compiler_params=plgpu.CompilerParams(approx_math=True,
+                                             lowering_semantics=plgpu.LoweringSemantics.Lane),
         interpret=InterpretGPUParams() if interpret else None,
     )(*(x for x in ins if x is not None))
     return outs[0][:, :l], outs[1], (outs[2] if save else None)
