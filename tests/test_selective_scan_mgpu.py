@@ -78,6 +78,10 @@ def test_bad_options_raise():
         selective_scan_fwd_mgpu(*args, poly_exp=5, interpret=True)
     with pytest.raises(ValueError, match="unroll"):
         selective_scan_fwd_mgpu(*args, unroll=3, interpret=True)
+    from pallas_kernels.selective_scan.pallas_gpu import GpuConfig
+    for bad in (dict(mgpu_unroll=3), dict(mgpu_stages=0), dict(mgpu_poly_exp=-1)):
+        with pytest.raises(ValueError, match="mgpu_"):
+            GpuConfig(forward="mgpu", **bad)
 
 
 def test_bf16_inputs():
@@ -109,7 +113,8 @@ def test_gpu_backend_with_mgpu_forward_values_and_grads():
         return jax.jit(f)(x)
 
     y, s, g = run(lambda **k: selective_scan_pallas_gpu(
-        **k, interpret=True, config=GpuConfig(forward="mgpu")))
+        **k, interpret=True, config=GpuConfig(forward="mgpu", mgpu_stages=3, mgpu_poly_exp=4,
+                                              mgpu_unroll=4)))
     y0, s0, g0 = run(selective_scan_reference)
     assert rel_l2(y, y0) < 1e-5 and rel_l2(s, s0) < 1e-5
     for k in x:

@@ -133,6 +133,9 @@ class GpuConfig:
                 raise ValueError(f"GpuConfig.{name} must be a power of two, found {v}")
         if self.chunk % self.sub_chunk:
             raise ValueError("GpuConfig.sub_chunk must divide chunk")
+        if self.mgpu_stages < 1 or self.mgpu_poly_exp < 0 or self.chunk % self.mgpu_unroll:
+            raise ValueError("GpuConfig needs mgpu_stages >= 1, mgpu_poly_exp >= 0 and "
+                             "mgpu_unroll dividing chunk")
         for name in ("seq_splits", "bwd_seq_splits"):
             v = getattr(self, name)
             if v is not None and v < 1:
