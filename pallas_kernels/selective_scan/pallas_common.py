@@ -110,9 +110,10 @@ def exp2_poly(x, fma=lambda a, b, c: a * b + c):
     then j is added to its exponent bits.  j comes from the rounding trick (x + 1.5 * 2^23
     holds j in its low mantissa bits; (bits << 23) leaves exactly j << 23), so there is no
     float-to-int conversion (that runs at the special-function rate too).  x is clamped to
-    [-125, 127]: below, the result is 2^-125 (not 0; -inf gives 2^-125 too), above, at most
-    2^127.5."""
-    x = jnp.minimum(jnp.maximum(x, -125.0), 127.0)
+    [-127, 127]: 2^-127 comes out as exactly 0 (its exponent field is 0), so x = -inf (a
+    segment reset) gives 0; on (-127, -126) the result is a denormal below 2^-126 (flushed
+    to 0 on the GPU), and from 127 on it is 2^127."""
+    x = jnp.minimum(jnp.maximum(x, -127.0), 127.0)
     t = jax.lax.optimization_barrier(x + _ROUNDER)    # else XLA folds (x + R) - R into x
     f = x - (t - _ROUNDER)
     q = jnp.full(jnp.shape(f), EXP2M1_COEFFS[-1], f32)
