@@ -209,11 +209,12 @@ def main():
                    help="also time the Mosaic GPU forward prototype (pallas_mgpu), comma-"
                         "separated BLOCK_L:STAGES[:POLY_EXP[:UNROLL]] variants, e.g. "
                         "'16:2,16:2:4:16'; checked in float32 against the reference first "
-                        "(with the POLY_EXP and UNROLL of the first variant that sets them); "
+                        "(the variant with the most POLY_EXP, then UNROLL); "
                         "the fastest with BLOCK_L 16 is also timed with our backward")
     args = p.parse_args()
-    mgpu_variants = [tuple(map(int, item.split(":"))) + (0, 1)[len(item.split(":")) - 2:]
-                     for item in filter(None, args.mgpu.split(","))]
+    defaults = (None, None, 0, 1)        # BLOCK_L:STAGES[:POLY_EXP[:UNROLL]]
+    mgpu_variants = [tuple(map(int, f)) + defaults[len(f):]
+                     for f in (item.split(":") for item in filter(None, args.mgpu.split(",")))]
     start = time.time()
     out_dir = os.environ.get("OUT")
     if out_dir:

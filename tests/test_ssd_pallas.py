@@ -161,6 +161,7 @@ SHARD_MAP_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import PartitionSpec as P
+    from pallas_kernels.cross_lowering import H100
     from pallas_kernels.ssd import ssd
     from tests.test_ssd import make_inputs
 
@@ -200,10 +201,8 @@ SHARD_MAP_SCRIPT = textwrap.dedent("""
         # For CUDA on an abstract mesh of H100s: JAX 0.11's Triton lowering asks which GPU.
         args, lower_mesh = (sharded, seg_sharded), mesh
         if platform == "cuda":
-            gpu = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3",
-                                              num_cores=132, platform="gpu")
             lower_mesh = jax.sharding.AbstractMesh((2, 2), ("batch", "heads"),
-                                                   abstract_device=gpu)
+                                                   abstract_device=H100)
             on = lambda v, spec: jax.ShapeDtypeStruct(
                 v.shape, v.dtype, sharding=jax.NamedSharding(lower_mesh, spec))
             args = ({{k: on(v, specs[k]) for k, v in inputs.items()}}, on(seg, P("batch", None)))

@@ -75,15 +75,20 @@ def _log1p_over_x_coeffs(degree: int = 8) -> tuple[float, ...]:
 LOG1P_COEFFS = _log1p_over_x_coeffs()
 
 
+def _horner(coeffs, x, fma):
+    """sum_k coeffs[k] x^k (float32), highest power first: one fma per coefficient."""
+    p = jnp.full(jnp.shape(x), coeffs[-1], f32)
+    for c in coeffs[-2::-1]:
+        p = fma(p, x, c)
+    return p
+
+
 def softplus_poly(x, exp2=jnp.exp2, fma=lambda a, b, c: a * b + c):
     """log(1 + e^x) = max(x, 0) + log1p(e), e = e^-|x| in (0, 1], with log1p(e) as e times
     the degree-8 polynomial above: one exp2 and ten multiply-adds, no log.  GPU backends
     pass their fastest exp2 and fused multiply-add."""
     e = exp2(jnp.abs(x) * -LOG2E)
-    p = jnp.full(jnp.shape(e), LOG1P_COEFFS[-1], f32)
-    for c in LOG1P_COEFFS[-2::-1]:
-        p = fma(p, e, c)
-    return fma(e, p, jnp.maximum(x, 0.0))
+    return fma(e, _horner(LOG1P_COEFFS, e, fma), jnp.maximum(x, 0.0))
 
 
 def _exp2m1_over_x_coeffs(degree: int = 4) -> tuple[float, ...]:
@@ -116,10 +121,7 @@ def exp2_poly(x, fma=lambda a, b, c: a * b + c):
     x = jnp.minimum(jnp.maximum(x, -127.0), 127.0)
     t = jax.lax.optimization_barrier(x + _ROUNDER)    # else XLA folds (x + R) - R into x
     f = x - (t - _ROUNDER)
-    q = jnp.full(jnp.shape(f), EXP2M1_COEFFS[-1], f32)
-    for c in EXP2M1_COEFFS[-2::-1]:
-        q = fma(q, f, c)
-    bits = (jax.lax.bitcast_convert_type(fma(f, q, 1.0), jnp.int32)
+    bits = (jax.lax.bitcast_convert_type(fma(f, _horner(EXP2M1_COEFFS, f, fma), 1.0), jnp.int32)
             + jax.lax.shift_left(jax.lax.bitcast_convert_type(t, jnp.int32), 23))
     return jax.lax.bitcast_convert_type(bits, f32)
 
