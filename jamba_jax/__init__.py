@@ -1,4 +1,4 @@
-"""jamba_jax: Mamba-1, Mamba-2 and hybrid (Jamba, Mamba-2-Hybrid / Nemotron-H, Bamba) LMs in JAX."""
+"""jamba_jax: Mamba-1, Mamba-2 and hybrid (Jamba, Mamba-2-Hybrid / Nemotron-H, Bamba, Granite 4.0-H) LMs in JAX."""
 
 from jamba_jax.config import (AttentionConfig, Mamba1Config, Mamba2Config, MLPConfig, ModelConfig, MoEConfig,
                               RopeConfig, jamba_layers, layers_from_pattern)

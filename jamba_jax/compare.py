@@ -11,16 +11,19 @@ What transformers' ``hidden_states`` tuple holds (checked at run time, an error 
 
 * ``mamba``, ``falcon_mamba``, ``mamba2``: ``n + 1`` entries, *no* embeddings: entry ``i < n`` is the
   output of layer ``i``, entry ``n`` the last one after the final norm.
-* ``jamba``, ``bamba``, ``nemotron_h`` (transformers' ``capture_outputs``): ``n + 1`` entries, the
-  embeddings first: entry ``0`` is the input of layer 0, entry ``i`` (``1 <= i < n``) the output of
-  layer ``i - 1``, entry ``n`` the last layer's output *after* the final norm (the raw one is dropped).
+* ``jamba``, ``bamba``, ``granitemoehybrid``, ``nemotron_h`` (transformers' ``capture_outputs``):
+  ``n + 1`` entries, the embeddings first: entry ``0`` is the input of layer 0, entry ``i``
+  (``1 <= i < n``) the output of layer ``i - 1``, entry ``n`` the last layer's output *after* the
+  final norm (the raw one is dropped).
 
-Our stack has one sublayer per mixer (`jamba_jax.model`): a Jamba or Bamba decoder layer ``i`` is our
-sublayers ``2i`` (Mamba or attention) and ``2i + 1`` (MLP or MoE); Mamba, Mamba-2 and Nemotron-H
-blocks are one sublayer each. What the tuple does not hold is captured with forward hooks: the input
-of the final norm (the last layer's raw output) and, for Jamba and Bamba, the input of each layer's
-``pre_ff_layernorm`` (the residual stream between the mixer and the feed-forward), so every one of
-our sublayers has a counterpart. The embeddings are compared too, from ``get_input_embeddings()``.
+Our stack has one sublayer per mixer (`jamba_jax.model`): a Jamba, Bamba or Granite decoder layer
+``i`` is our sublayers ``2i`` (Mamba or attention) and ``2i + 1`` (MLP or MoE); Mamba, Mamba-2 and
+Nemotron-H blocks are one sublayer each. What the tuple does not hold is captured with forward hooks:
+the input of the final norm (the last layer's raw output) and, for decoder layers of two sublayers,
+the input of each layer's feed-forward norm (`FF_NORM`: the residual stream between the mixer and the
+feed-forward), so every one of our sublayers has a counterpart. The embeddings are compared too, from
+``get_input_embeddings()``, times Granite's ``embedding_multiplier``: the residual stream that enters
+layer 0.
 
 mamba_ssm's own checkpoint layout (config.json with ``d_model``/``n_layer``/``ssm_cfg``, a
 ``pytorch_model.bin`` of ``MambaLMHeadModel``) has no transformers twin, so the reference is built
@@ -90,7 +93,10 @@ HIDDEN_STATES_LAYOUT = {
     "jamba": (2, True),
     "bamba": (2, True),
     "nemotron_h": (1, True),
+    "granitemoehybrid": (2, True),
 }
+#: The norm in front of the feed-forward of a two-sublayer decoder layer, per model type.
+FF_NORM = {"jamba": "pre_ff_layernorm", "bamba": "pre_ff_layernorm", "granitemoehybrid": "post_attention_layernorm"}
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -246,13 +252,14 @@ def run_reference(torch_model, ids: np.ndarray, model_type: str, device: str = "
     hooks = [final_norm.register_forward_pre_hook(lambda m, args: captured.__setitem__("final_in", args[0]))]
     if n_sub == 2:
         for i, layer in enumerate(layers):
-            hooks.append(layer.pre_ff_layernorm.register_forward_pre_hook(
+            hooks.append(getattr(layer, FF_NORM[model_type]).register_forward_pre_hook(
                 lambda m, args, i=i: captured.__setitem__(("mid", i), args[0])))
     try:
         with torch.no_grad():
             t_ids = torch.as_tensor(ids, dtype=torch.long, device=device)
             out = torch_model(t_ids, output_hidden_states=True)
             emb = torch_model.get_input_embeddings()(t_ids)
+            emb = emb * getattr(torch_model.base_model, "embedding_multiplier", 1.0)  # Granite's muP scalar
             final_is_normed = "final_in" in captured and torch.equal(out.hidden_states[-1],
                                                                      final_norm(captured["final_in"]))
     finally:
@@ -272,7 +279,7 @@ def run_reference(torch_model, ids: np.ndarray, model_type: str, device: str = "
     for i in range(n):  # the residual stream after each transformers layer (and its mixer, for pairs)
         if n_sub == 2:
             streams.append(np_(captured[("mid", i)]))
-            sources.append(f"layers.{i}.pre_ff_layernorm input")
+            sources.append(f"layers.{i}.{FF_NORM[model_type]} input")
         k = i + 1 if embeddings_first else i
         if k < n:
             streams.append(np_(hs[k]))
@@ -297,7 +304,7 @@ def _forward(model, ids):
         @nnx.jit
         def forward(m, x):
             final, _, per_layer = m.hidden_states(x, return_all=True)
-            return m.embed(x), per_layer, final, m.logits(final)
+            return m.embed_tokens(x), per_layer, final, m.logits(final)
 
         _FORWARD = forward
     return _FORWARD(model, ids)
@@ -373,7 +380,10 @@ def compare(model_dir: str | os.PathLike, *, dtype: str = "float32", seq_len: in
         torch_model = mamba_ssm_reference(model_dir)
         reference = f"transformers {type(torch_model).__name__} (mamba_ssm checkpoint converted in memory)"
     else:
-        torch_model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        # experts as a plain loop: the most literal reference, and transformers' grouped-matmul kernel
+        # refuses bfloat16 expert widths that are not a multiple of 8
+        torch_model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                                        experts_implementation="eager").eval()
         reference = f"transformers {type(torch_model).__name__}"
     torch_model = torch_model.to(torch_device)
     model_type = torch_model.config.model_type

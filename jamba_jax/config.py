@@ -92,7 +92,8 @@ class RopeConfig:
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """Causal grouped-query attention; no positional encoding unless ``rope`` is set."""
+    """Causal grouped-query attention; no positional encoding unless ``rope`` is set. ``scale``
+    multiplies the scores ``q . k`` (None: ``1 / sqrt(head_dim)``; Granite sets its own)."""
 
     n_heads: int
     n_kv_heads: int
@@ -100,10 +101,15 @@ class AttentionConfig:
     qkv_bias: bool = False
     out_bias: bool = False
     rope: RopeConfig | None = None
+    scale: float | None = None
 
     def __post_init__(self):
         for name in ("n_heads", "n_kv_heads", "head_dim"):
             _check(getattr(self, name) > 0, f"attention.{name}", getattr(self, name), "must be positive")
+        if self.scale is not None:
+            _check(math.isfinite(self.scale) and self.scale > 0, "attention.scale", self.scale,
+                   "must be a positive number or None")
+            object.__setattr__(self, "scale", float(self.scale))
         _check(self.n_heads % self.n_kv_heads == 0, "attention.n_kv_heads", self.n_kv_heads,
                f"must divide attention.n_heads={self.n_heads}")
         if isinstance(self.rope, dict):
@@ -180,6 +186,12 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     residual_in_fp32: bool = True
+    #: muP-style scalars (Granite 4.0): the embeddings times ``embedding_multiplier`` start the
+    #: residual stream, each sublayer's output joins it times ``residual_multiplier``, and the
+    #: logits are divided by ``logits_divisor``.
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_divisor: float = 1.0
     #: the model type this config was read from / is written to (``save_pretrained``).
     model_type: str = "jamba_jax"
     #: extra fields of the source config.json that we carry through unchanged (token ids, ...).
@@ -188,6 +200,11 @@ class ModelConfig:
     def __post_init__(self):
         _check(self.vocab_size > 0, "vocab_size", self.vocab_size, "must be positive")
         _check(self.d_model > 0, "d_model", self.d_model, "must be positive")
+        for name in ("embedding_multiplier", "residual_multiplier", "logits_divisor"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and math.isfinite(value) and value != 0, name, value,
+                   "must be a finite, non-zero number")
+            object.__setattr__(self, name, float(value))
         layers = tuple(self.layers)
         object.__setattr__(self, "layers", layers)
         _check(len(layers) > 0, "layers", layers, "must name at least one sublayer")

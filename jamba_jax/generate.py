@@ -63,11 +63,6 @@ warnings.filterwarnings("ignore", message=r"'jamba_jax\.generate' found in sys\.
 
 # ------------------------------------------------------------------------- model-level inference
 
-def _residual(model, input_ids: jax.Array) -> jax.Array:
-    h = model.embed(input_ids)
-    return h.astype(jnp.float32) if model.config.residual_in_fp32 else h
-
-
 def prefill(model, input_ids: jax.Array, prompt_lengths: jax.Array | None = None, *,
             max_len: int | None = None, state_dtype=jnp.float32) -> tuple[jax.Array, Cache]:
     """Run a prompt batch through the model and build the inference cache.
@@ -89,7 +84,7 @@ def prefill(model, input_ids: jax.Array, prompt_lengths: jax.Array | None = None
     max_len = l if max_len is None else max_len
     lengths = (jnp.full((b,), l, jnp.int32) if prompt_lengths is None
                else jnp.asarray(prompt_lengths, jnp.int32))
-    h = _residual(model, input_ids)
+    h = model.embed_tokens(input_ids)
     splits = [nnx.split(block) for block in model.blocks]
 
     def period_step(h, period_states):
@@ -106,7 +101,7 @@ def prefill(model, input_ids: jax.Array, prompt_lengths: jax.Array | None = None
                 out, _ = block.mixer(x)
             else:
                 out = block.mixer(x)
-            h = h + out.astype(h.dtype)
+            h = block.add_to_residual(h, out)
             caches.append(cache)
         return h, tuple(caches)
 
@@ -133,7 +128,7 @@ def layer_weights(model) -> list[list[nnx.State]]:
 def _decode_layers(model, tokens, cache: Cache, weights) -> tuple[jax.Array, Cache]:
     """One token through every layer, unrolled, on an unstacked cache (`unstack_cache`) with the
     per-layer `layer_weights`. Returns ``(logits (b, vocab) float32, the unstacked cache after)``."""
-    h = _residual(model, tokens[:, None])
+    h = model.embed_tokens(tokens[:, None])
     graphdefs = [nnx.graphdef(block) for block in model.blocks]
     layers = list(cache.layers)
     for r, period_states in enumerate(weights):
@@ -149,7 +144,7 @@ def _decode_layers(model, tokens, cache: Cache, weights) -> tuple[jax.Array, Cac
                 out, _ = block.mixer(x)
             else:
                 out = block.mixer(x)
-            h = h + out.astype(h.dtype)
+            h = block.add_to_residual(h, out)
     logits = model.logits(model.final_norm(h[:, 0])).astype(jnp.float32)
     return logits, Cache(tuple(layers), cache.lengths + 1)
 

@@ -36,10 +36,12 @@ MIXERS = {"mamba1": Mamba1Mixer, "mamba2": Mamba2Mixer, "attention": Attention, 
 
 
 class Block(nnx.Module):
-    """``h + mixer(norm(h))``; returns the new residual and the sublayer's auxiliary losses."""
+    """``h + residual_multiplier * mixer(norm(h))``; returns the new residual and the sublayer's
+    auxiliary losses."""
 
     def __init__(self, kind: str, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs, impl: str = "auto"):
         self.kind = kind
+        self.residual_multiplier = cfg.residual_multiplier
         self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
         kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if kind in ("mamba1", "mamba2"):
@@ -58,7 +60,15 @@ class Block(nnx.Module):
             aux = {k: aux[k] + moe_aux[k] for k in AUX_KEYS}
         else:
             out = self.mixer(x)
-        return h + out.astype(h.dtype), aux
+        return self.add_to_residual(h, out), aux
+
+    def add_to_residual(self, h: jax.Array, out: jax.Array) -> jax.Array:
+        """The residual stream ``h`` after this sublayer's output ``out`` joins it (every caller:
+        the forward pass, prefill and decode, goes through here)."""
+        out = out.astype(h.dtype)
+        if self.residual_multiplier != 1.0:
+            out = out * jnp.asarray(self.residual_multiplier, h.dtype)
+        return h + out
 
 
 class LanguageModel(nnx.Module):
@@ -118,8 +128,7 @@ class LanguageModel(nnx.Module):
             raise ValueError(f"segment_ids must have input_ids' shape {input_ids.shape}, got {segment_ids.shape}")
         if positions is None and segment_ids is not None:
             positions = positions_from_segments(segment_ids)
-        h = self.embed(input_ids)
-        h = h.astype(jnp.float32) if cfg.residual_in_fp32 else h
+        h = self.embed_tokens(input_ids)
 
         graphdefs, stacked_states = zip(*(nnx.split(block) for block in self.blocks))
 
@@ -144,10 +153,22 @@ class LanguageModel(nnx.Module):
             return self.final_norm(h), aux, per_layer.reshape(cfg.n_layers, *h.shape)
         return self.final_norm(h), aux
 
+    def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
+        """The residual stream entering the first sublayer: embeddings times
+        ``embedding_multiplier``, float32 if ``residual_in_fp32``."""
+        cfg = self.config
+        h = self.embed(input_ids)
+        h = h.astype(jnp.float32) if cfg.residual_in_fp32 else h
+        if cfg.embedding_multiplier != 1.0:
+            h = h * jnp.asarray(cfg.embedding_multiplier, h.dtype)
+        return h
+
     def logits(self, h: jax.Array) -> jax.Array:
-        if self.lm_head is None:
-            return self.embed.attend(h)
-        return self.lm_head(h)
+        """Final-normed states ``(..., d_model)`` -> logits, divided by ``logits_divisor``."""
+        logits = self.embed.attend(h) if self.lm_head is None else self.lm_head(h)
+        if self.config.logits_divisor != 1.0:
+            logits = logits / jnp.asarray(self.config.logits_divisor, logits.dtype)
+        return logits
 
     def __call__(self, input_ids: jax.Array, *, segment_ids: jax.Array | None = None,
                  positions: jax.Array | None = None, return_aux: bool = False):

@@ -17,8 +17,8 @@ from jamba_jax.compare import HIDDEN_STATES_LAYOUT, compare, format_report, main
 from jamba_jax.convert import FAMILIES
 from tests.torch_models import random_torch_model
 
-HYBRIDS_MISSING = ("jamba_jax/convert/hybrids.py (the jamba, nemotron_h and bamba families) is not committed: "
-                   "from_pretrained cannot load model_type {!r}")
+HYBRIDS_MISSING = ("jamba_jax/convert/hybrids.py (the jamba, nemotron_h, bamba and granitemoehybrid families) is not "
+                   "committed: from_pretrained cannot load model_type {!r}")
 
 CONFIGS = {
     "mamba": lambda: transformers.MambaConfig(vocab_size=97, hidden_size=32, state_size=8, num_hidden_layers=3,
@@ -41,6 +41,12 @@ CONFIGS = {
         vocab_size=61, hidden_size=32, num_hidden_layers=3, attn_layer_indices=[1], num_attention_heads=4,
         num_key_value_heads=2, intermediate_size=40, mamba_n_heads=4, mamba_n_groups=2, mamba_d_state=8,
         mamba_chunk_size=16),
+    "granitemoehybrid": lambda: transformers.GraniteMoeHybridConfig(
+        vocab_size=59, hidden_size=32, num_hidden_layers=3, layer_types=["mamba", "attention", "mamba"],
+        num_attention_heads=4, num_key_value_heads=2, intermediate_size=12, shared_intermediate_size=20,
+        num_local_experts=4, num_experts_per_tok=2, mamba_n_heads=4, mamba_n_groups=2, mamba_d_state=8,
+        mamba_chunk_size=16, embedding_multiplier=3.0, residual_multiplier=0.4, attention_multiplier=0.3,
+        logits_scaling=2.5),
 }
 
 #: mamba_ssm MambaLMHeadModel configs, built from a transformers twin with the same tensors.
@@ -123,6 +129,7 @@ def _perturb(src, dst, suffix):
     ("jamba", "layers.2.mamba.x_proj.weight", 4, 2),  # decoder layer 2's Mamba: our sublayer 4
     ("jamba", "layers.1.feed_forward.down_proj.weight", 3, 1),  # decoder layer 1's MLP: our sublayer 3
     ("nemotron_h", "layers.3.mixer.k_proj.weight", 3, 3),
+    ("granitemoehybrid", "layers.1.shared_mlp.output_linear.weight", 3, 1),  # decoder layer 1's shared MLP
 ])
 def test_perturbed_tensor_fails_at_its_layer(checkpoints, tmp_path, name, tensor, sublayer, hf_layer):
     _skip_unless_loadable(name)
@@ -154,6 +161,17 @@ def test_cli_subprocess_exit_code_and_report(checkpoints, tmp_path):
     assert report["tokens"].startswith("prompt 'x = 1' (UTF-8 bytes")
     assert 0 < report["logits"]["rel_l2"] < report["logits"]["tolerance"]
     assert report["logits"]["yardstick_rel_l2"] > 0 and report["logits"]["tolerance"] >= 3e-2
+
+
+def test_bfloat16_with_moe_and_mup_scalars(checkpoints, tmp_path):
+    """Granite in bfloat16: the reference's experts run as a loop (transformers' grouped matmul refuses
+    these narrow bfloat16 experts) and our muP scalars hold up at low precision."""
+    out = tmp_path / "bf16.json"
+    assert main(["--model", str(checkpoints("granitemoehybrid")), "--dtype", "bfloat16", "--seq-len", "21",
+                 "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert 0 < report["logits"]["rel_l2"] < report["logits"]["tolerance"]
+    assert report["logits"]["yardstick_rel_l2"] > 0
 
 
 def test_bad_input_exits_2(tmp_path, capsys):

@@ -48,6 +48,14 @@ HF_CONFIGS = {
         vocab_size=61, hidden_size=32, num_hidden_layers=2, attn_layer_indices=[1], num_attention_heads=4,
         num_key_value_heads=2, intermediate_size=40, mamba_n_heads=4, mamba_n_groups=2, mamba_d_state=8,
         mamba_chunk_size=4, rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
+    # Granite 4.0-H: muP scalars on the embeddings, every residual add, the attention scores and the
+    # logits, through prefill and every decode step; MoE plus shared MLP; RoPE
+    "granitemoehybrid": lambda: transformers.GraniteMoeHybridConfig(
+        vocab_size=59, hidden_size=32, num_hidden_layers=2, layer_types=["mamba", "attention"], num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=12, shared_intermediate_size=20, num_local_experts=4,
+        num_experts_per_tok=2, mamba_n_heads=4, mamba_n_groups=2, mamba_d_state=8, mamba_chunk_size=4,
+        embedding_multiplier=3.0, residual_multiplier=0.4, attention_multiplier=0.3, logits_scaling=2.5,
+        position_embedding_type="rope", rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
 }
 
 

@@ -1,5 +1,5 @@
-"""Jamba, Nemotron-H and Bamba LMs against transformers' PyTorch models (float32 logits parity),
-older checkpoint layouts, save_pretrained round trips and packed sequences."""
+"""Jamba, Nemotron-H, Bamba and Granite 4.0 LMs against transformers' PyTorch models (float32 logits
+parity), older checkpoint layouts, save_pretrained round trips and packed sequences."""
 
 import json
 
@@ -59,6 +59,22 @@ CONFIGS = {
         num_key_value_heads=4, intermediate_size=40, mamba_n_heads=8, mamba_n_groups=1, mamba_d_state=8,
         mamba_chunk_size=8, mlp_bias=True, mamba_conv_bias=False, tie_word_embeddings=True,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}),
+    # Granite 4.0-H: MoE renormalised over its top 2 of 5 plus a shared MLP in every layer, muP
+    # scalars far from 1, RoPE, attention biases, two SSM groups
+    "granite_moe": lambda: transformers.GraniteMoeHybridConfig(
+        vocab_size=59, hidden_size=32, num_hidden_layers=4, layer_types=["mamba", "attention", "mamba", "mamba"],
+        num_attention_heads=4, num_key_value_heads=2, intermediate_size=12, shared_intermediate_size=20,
+        num_local_experts=5, num_experts_per_tok=2, mamba_n_heads=4, mamba_n_groups=2, mamba_d_state=8,
+        mamba_chunk_size=16, embedding_multiplier=3.0, residual_multiplier=0.4, attention_multiplier=0.3,
+        logits_scaling=2.5, position_embedding_type="rope", attention_bias=True, time_step_limit=(0.0, 2.0),
+        rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
+    # dense Granite (num_local_experts=0: the shared MLP alone), no positional encoding, tied head
+    "granite_dense": lambda: transformers.GraniteMoeHybridConfig(
+        vocab_size=59, hidden_size=32, num_hidden_layers=3, layer_types=["attention", "mamba", "mamba"],
+        num_attention_heads=4, num_key_value_heads=4, num_local_experts=0, shared_intermediate_size=24,
+        mamba_n_heads=8, mamba_d_state=8, mamba_chunk_size=8, embedding_multiplier=12.0, residual_multiplier=0.22,
+        attention_multiplier=0.0625, logits_scaling=6.0, position_embedding_type="nope", tie_word_embeddings=True,
+        mamba_conv_bias=False),
 }
 
 
@@ -111,6 +127,12 @@ def test_config_mapping(checkpoints):
     assert (nemo.moe.n_groups, nemo.moe.top_k_groups, nemo.moe.shared_d_ff) == (4, 2, 20)
     bamba = checkpoints("bamba_quarter_rope")[2].config
     assert bamba.attention.rope.fraction == 0.25 and bamba.tie_embeddings
+    granite = checkpoints("granite_moe")[2].config
+    assert granite.layers[0::2] == ("mamba2", "attention", "mamba2", "mamba2") and set(granite.layers[1::2]) == {"moe"}
+    assert (granite.moe.normalize_top_k, granite.moe.shared_d_ff, granite.attention.scale) == (True, 20, 0.3)
+    assert (granite.embedding_multiplier, granite.residual_multiplier, granite.logits_divisor) == (3.0, 0.4, 2.5)
+    dense = checkpoints("granite_dense")[2].config
+    assert set(dense.layers[1::2]) == {"mlp"} and dense.mlp.d_ff == 24 and dense.attention.rope is None
 
 
 def _round_trip(model, torch_model, path):
@@ -122,7 +144,7 @@ def _round_trip(model, torch_model, path):
     return reloaded
 
 
-@pytest.mark.parametrize("name", ["jamba_p4", "nemotron_h_moe", "bamba"])
+@pytest.mark.parametrize("name", ["jamba_p4", "nemotron_h_moe", "bamba", "granite_moe", "granite_dense"])
 def test_save_pretrained_round_trips_through_transformers(checkpoints, name, tmp_path):
     torch_model, _, model = checkpoints(name)
     reloaded = _round_trip(model, torch_model, tmp_path)
@@ -134,10 +156,12 @@ def test_save_pretrained_infers_model_type(checkpoints, tmp_path):
     """A config not read from a checkpoint: the writer finds the family that can hold it."""
     import dataclasses
 
-    for name, expected in (("jamba_p2", "jamba"), ("nemotron_h_moe", "nemotron_h"), ("bamba", "bamba")):
+    types = ("jamba", "nemotron_h", "bamba", "granitemoehybrid")
+    for name, expected in (("jamba_p2", "jamba"), ("nemotron_h_moe", "nemotron_h"), ("bamba", "bamba"),
+                           ("granite_moe", "granitemoehybrid")):
         cfg = dataclasses.replace(checkpoints(name)[2].config, model_type="jamba_jax", extra={})
         assert _infer_model_type(cfg) == expected
-        others = [t for t in ("jamba", "nemotron_h", "bamba") if t != expected]
+        others = [t for t in types if t != expected]
         for other in others:
             with pytest.raises(ValueError):
                 FAMILIES[other].config_to_hf(cfg)
@@ -147,6 +171,20 @@ def test_save_pretrained_infers_model_type(checkpoints, tmp_path):
         _round_trip(model, torch_model, tmp_path)
     finally:
         model.config = checkpoints("jamba_p2")[2].config
+
+
+def test_families_without_mup_scalars_refuse_them(checkpoints):
+    """Only Granite can write muP scalars; any other family would drop them silently."""
+    import dataclasses
+
+    nemotron = checkpoints("nemotron_h_moe")[2].config
+    with pytest.raises(ValueError, match="nemotron_h cannot express {'residual_multiplier': 0.5}"):
+        FAMILIES["nemotron_h"].config_to_hf(dataclasses.replace(nemotron, residual_multiplier=0.5))
+    bamba = checkpoints("bamba")[2].config
+    plain = dataclasses.replace(bamba.attention, scale=bamba.attention.head_dim ** -0.5)
+    FAMILIES["bamba"].config_to_hf(dataclasses.replace(bamba, attention=plain))  # the usual scale, spelled out
+    with pytest.raises(ValueError, match="attention.scale"):
+        FAMILIES["bamba"].config_to_hf(dataclasses.replace(bamba, attention=dataclasses.replace(plain, scale=0.5)))
 
 
 def _rewrite(src, dst, rename):
@@ -213,6 +251,25 @@ def test_fused_and_per_expert_layouts_load(checkpoints, name, to_old, tmp_path):
     assert set(read_tensors(tmp_path / "ours")) == set(read_tensors(path))
 
 
+def test_granite_in_memory_layout_loads(checkpoints, tmp_path):
+    """Granite on disk (IBM's ``input_linear`` / ``output_linear`` / ``router.layer``, what transformers
+    writes) and as transformers 5.x modules name it (``experts.gate_up_proj``, ``router.weight``) load to
+    the same model; we write the on-disk names."""
+    torch_model, path, model = checkpoints("granite_moe")
+    on_disk = set(read_tensors(path))
+    assert any(n.endswith("block_sparse_moe.input_linear.weight") for n in on_disk)
+    config = json.loads((path / "config.json").read_text())
+    in_memory = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
+    assert any(k.endswith("block_sparse_moe.experts.gate_up_proj") for k in in_memory)
+    write_checkpoint(tmp_path / "in_memory", config, in_memory)
+    got, expected = flat_params(jamba_jax.from_pretrained(tmp_path / "in_memory")), flat_params(model)
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+    jamba_jax.save_pretrained(model, tmp_path / "ours")
+    assert set(read_tensors(tmp_path / "ours")) == on_disk
+
+
 def test_layout_errors_name_the_closest_layout(checkpoints, tmp_path):
     _, path, _ = checkpoints("jamba_p2")
 
@@ -226,7 +283,7 @@ def test_layout_errors_name_the_closest_layout(checkpoints, tmp_path):
         jamba_jax.from_pretrained(_rewrite(path, tmp_path / "bad", drop_one))
 
 
-@pytest.mark.parametrize("name", ["jamba_p2", "nemotron_h_moe"])
+@pytest.mark.parametrize("name", ["jamba_p2", "nemotron_h_moe", "granite_moe"])
 def test_packed_segments_equal_separate_runs(checkpoints, name):
     model = checkpoints(name)[2]
     lengths = [5, 11, 1, 20]  # boundaries inside chunks, one single-token document
@@ -250,6 +307,12 @@ def test_packed_segments_equal_separate_runs(checkpoints, name):
     ("nemotron_h", {"mlp_hidden_act": "silu", "hybrid_override_pattern": "M-"}, "mlp_hidden_act"),
     ("jamba", {"hidden_act": "gelu"}, "hidden_act"),
     ("bamba", {"rope_parameters": {"rope_type": "linear", "factor": 2.0}}, "rope_type"),
+    ("granitemoehybrid", {"position_embedding_type": "rope", "rope_parameters": {"rope_type": "yarn"}},
+     "rope_parameters"),
+    ("granitemoehybrid", {"num_hidden_layers": 2, "layer_types": ["mamba", "cross_attention"]}, "layer_types"),
+    ("granitemoehybrid", {"num_hidden_layers": 3, "layer_types": ["mamba", "attention"]}, "layer_types"),
+    ("granitemoehybrid", {"shared_intermediate_size": 0}, "shared_intermediate_size"),
+    ("granitemoehybrid", {"hidden_act": "gelu"}, "hidden_act"),
 ])
 def test_unsupported_features_raise(model_type, fields, match, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, **fields}))

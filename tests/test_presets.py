@@ -52,6 +52,11 @@ def test_active_parameters_count_top_k_experts():
     (lambda: MoEConfig(n_experts=4, top_k=5, d_ff=8), r"moe.top_k=5"),
     (lambda: ModelConfig(vocab_size=8, d_model=4, layers=("mamba1", "moe"), mamba1=Mamba1Config(8)),
      r"moe=None"),
+    (lambda: AttentionConfig(n_heads=2, n_kv_heads=1, head_dim=8, scale=-0.1), r"attention.scale=-0.1"),
+    (lambda: ModelConfig(vocab_size=8, d_model=4, layers=("mamba1",), mamba1=Mamba1Config(8), logits_divisor=0),
+     r"logits_divisor=0"),
+    (lambda: ModelConfig(vocab_size=8, d_model=4, layers=("mamba1",), mamba1=Mamba1Config(8),
+                         embedding_multiplier=float("nan")), r"embedding_multiplier=nan"),
 ])
 def test_bad_configs_name_the_field(build, message):
     with pytest.raises(ValueError, match=message):

@@ -72,7 +72,7 @@ def _infer_model_type(cfg: ModelConfig) -> str:
         return "falcon_mamba" if cfg.mamba1.bcdt_norm == "weightless" else "mamba"
     if kinds == {"mamba2"}:
         return "mamba2"
-    for model_type in ("nemotron_h", "jamba", "bamba"):
+    for model_type in ("nemotron_h", "jamba", "bamba", "granitemoehybrid"):
         if model_type in FAMILIES:
             try:
                 FAMILIES[model_type].config_to_hf(cfg)

@@ -54,7 +54,17 @@ def lm_rules(cfg: ModelConfig, *, embed: str, final_norm: str, layer_prefix: str
     return rules
 
 
-def _base_hf(cfg: ModelConfig, model_type: str, architecture: str) -> dict:
+def _base_hf(cfg: ModelConfig, model_type: str, architecture: str, *, mup_scalars: bool = False) -> dict:
+    """The config.json fields every family shares, on top of the source config's (same model type).
+    Families without muP scalars (all but Granite: ``mup_scalars=False``) refuse configs that use them."""
+    if not mup_scalars:
+        used = {name: getattr(cfg, name) for name in ("embedding_multiplier", "residual_multiplier", "logits_divisor")
+                if getattr(cfg, name) != 1.0}
+        att = cfg.attention
+        if att is not None and att.scale is not None and not math.isclose(att.scale, att.head_dim ** -0.5):
+            used["attention.scale"] = att.scale
+        if used:
+            raise ValueError(f"{model_type} cannot express {used} (only granitemoehybrid has these scalars)")
     extra = dict(cfg.extra) if cfg.extra.get("model_type") == model_type else {}
     extra.update(model_type=model_type, architectures=[architecture], vocab_size=cfg.vocab_size,
                  hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,

@@ -1,4 +1,4 @@
-"""Hybrid families: Jamba, Nemotron-H and Bamba (transformers 5.x layouts and semantics).
+"""Hybrid families: Jamba, Nemotron-H, Bamba and Granite 4.0 (transformers 5.x layouts and semantics).
 
 Layer mapping (``L`` = decoder layers in the checkpoint, our stack has one sublayer per mixer):
 
@@ -10,6 +10,11 @@ Layer mapping (``L`` = decoder layers in the checkpoint, our stack has one subla
   ``hybrid_override_pattern``), each ``norm`` + one mixer -> one sublayer.
 * ``bamba``: decoder layer ``i`` = (Mamba-2, or attention with partial RoPE at
   ``attn_layer_indices``) then a SwiGLU MLP -> sublayers ``2i`` and ``2i + 1``.
+* ``granitemoehybrid`` (IBM Granite 4.0-H): decoder layer ``i`` = (Mamba-2 or attention, by
+  ``layer_types``) then (a SwiGLU MoE renormalised over its top k plus a shared SwiGLU MLP, or the
+  shared MLP alone when ``num_local_experts == 0``) -> sublayers ``2i`` and ``2i + 1``; its muP
+  scalars (``embedding_multiplier``, ``residual_multiplier``, ``logits_scaling``,
+  ``attention_multiplier``) are `ModelConfig` / `AttentionConfig` fields.
 
 Readers accept the older checkpoint layouts that transformers itself converts on load: Jamba's
 per-expert ``experts.{e}.{gate,up,down}_proj.weight`` and Nemotron-H's ``backbone.`` prefix and
@@ -51,17 +56,19 @@ def _mlp_rules(hf: str, ours: str, mlp: MLPConfig) -> list:
     return [r for name in names for r in linear_rules(f"{hf}.{name}", f"{ours}.{name}", mlp.bias)]
 
 
-def _decoder_pair_rules(cfg: ModelConfig, mixer_rules, ff_rules, *, embed: str, final_norm: str) -> list:
-    """Jamba / Bamba: decoder layer ``i`` holds our sublayers ``2i`` (mixer) and ``2i + 1`` (feed-forward)."""
+def _decoder_pair_rules(cfg: ModelConfig, mixer_rules, ff_rules, *, embed: str, final_norm: str,
+                        ff_norm: str = "pre_ff_layernorm", ff_module: str = ".feed_forward") -> list:
+    """Jamba / Bamba / Granite: decoder layer ``i`` holds our sublayers ``2i`` (mixer) and ``2i + 1``
+    (feed-forward: the norm ``ff_norm``, then ``ff_rules`` under the layer's prefix + ``ff_module``)."""
     rules = [Rule(embed, "embed.embedding"), Rule(final_norm, "final_norm.weight")]
     if not cfg.tie_embeddings:
         rules += linear_rules("lm_head", "lm_head", False)
     for i in range(cfg.n_layers // 2):
         hf = f"model.layers.{i}"
         rules += [Rule(f"{hf}.input_layernorm.weight", f"layers.{2 * i}.norm.weight"),
-                  Rule(f"{hf}.pre_ff_layernorm.weight", f"layers.{2 * i + 1}.norm.weight")]
+                  Rule(f"{hf}.{ff_norm}.weight", f"layers.{2 * i + 1}.norm.weight")]
         rules += mixer_rules(hf, f"layers.{2 * i}.mixer", cfg.layers[2 * i])
-        rules += ff_rules(f"{hf}.feed_forward", f"layers.{2 * i + 1}.mixer", cfg.layers[2 * i + 1])
+        rules += ff_rules(f"{hf}{ff_module}", f"layers.{2 * i + 1}.mixer", cfg.layers[2 * i + 1])
     return rules
 
 
@@ -395,16 +402,15 @@ def _bamba_rope(hf: dict) -> RopeConfig:
                       fraction=float(params.get("partial_rotary_factor", 0.5)))
 
 
-def _bamba_from_hf(hf: dict) -> ModelConfig:
+# Bamba and Granite 4.0 share transformers' Bamba Mamba-2 mixer and its ``mamba_*`` config fields, and
+# one ``hidden_act`` for the mixer's conv and the MLP gates.
+
+def _bamba_mixer_from_hf(hf: dict, model_type: str, eps: float) -> Mamba2Config:
     act = hf.get("hidden_act", "silu")
     if act != "silu":
-        raise _unsupported("bamba", f"hidden_act={act!r} (it is both the Mamba conv activation and the "
-                                    "MLP gate activation; only 'silu' is supported)")
+        raise _unsupported(model_type, f"hidden_act={act!r} (it is both the Mamba conv activation and the "
+                                       "MLP gate activation; only 'silu' is supported)")
     d_model = hf.get("hidden_size", 4096)
-    n = hf.get("num_hidden_layers", 32)
-    attn_idx = set(hf.get("attn_layer_indices") or ())
-    layers = tuple(k for i in range(n) for k in ("attention" if i in attn_idx else "mamba2", "mlp"))
-    eps = hf.get("rms_norm_eps", 1e-5)
     n_heads = hf.get("mamba_n_heads", 128)
     expand = hf.get("mamba_expand", 2)
     d_head = hf.get("mamba_d_head", "auto")
@@ -415,7 +421,32 @@ def _bamba_from_hf(hf: dict) -> ModelConfig:
                       chunk_size=hf.get("mamba_chunk_size", 256),
                       dt_limit=tuple(hf.get("time_step_limit") or (0.0, math.inf)), norm_eps=eps)
     if m2.d_inner != int(expand * d_model):
-        raise ValueError(f"bamba: mamba_n_heads * mamba_d_head = {m2.d_inner} != mamba_expand * hidden_size")
+        raise ValueError(f"{model_type}: mamba_n_heads * mamba_d_head = {m2.d_inner} != mamba_expand * hidden_size")
+    return m2
+
+
+def _bamba_mixer_to_hf(cfg: ModelConfig, hf: dict, mixers: tuple, model_type: str) -> None:
+    """Write the ``mamba_*`` fields of ``cfg.mamba2`` into ``hf`` (placeholders the config's
+    validation accepts when no layer is a Mamba layer)."""
+    if "mamba2" in mixers:
+        m2 = cfg.mamba2
+        _rms_eps_check(cfg, model_type, m2, "mamba2")
+        hf.update(mamba_n_heads=m2.n_heads, mamba_d_head=m2.head_dim, mamba_d_state=m2.d_state,
+                  mamba_n_groups=m2.n_groups, mamba_d_conv=m2.d_conv, mamba_conv_bias=m2.conv_bias,
+                  mamba_proj_bias=m2.proj_bias, mamba_chunk_size=m2.chunk_size,
+                  mamba_expand=integer_ratio(m2.d_inner, cfg.d_model, "mamba2.d_inner as mamba_expand"),
+                  time_step_limit=list(m2.dt_limit))
+    elif "mamba_n_heads" not in hf:
+        hf.update(mamba_n_heads=1, mamba_expand=2, mamba_d_head=2 * cfg.d_model)
+
+
+def _bamba_from_hf(hf: dict) -> ModelConfig:
+    d_model = hf.get("hidden_size", 4096)
+    n = hf.get("num_hidden_layers", 32)
+    attn_idx = set(hf.get("attn_layer_indices") or ())
+    layers = tuple(k for i in range(n) for k in ("attention" if i in attn_idx else "mamba2", "mlp"))
+    eps = hf.get("rms_norm_eps", 1e-5)
+    m2 = _bamba_mixer_from_hf(hf, "bamba", eps)
     heads = hf.get("num_attention_heads", 32)
     bias = hf.get("attention_bias", False)
     att = AttentionConfig(n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
@@ -437,16 +468,7 @@ def _bamba_to_hf(cfg: ModelConfig) -> dict:
     hf.update(num_hidden_layers=len(mixers), rms_norm_eps=cfg.norm_eps, hidden_act="silu",
               intermediate_size=mlp.d_ff, mlp_bias=mlp.bias,
               attn_layer_indices=[i for i, k in enumerate(mixers) if k == "attention"])
-    if "mamba2" in mixers:
-        m2 = cfg.mamba2
-        _rms_eps_check(cfg, "bamba", m2, "mamba2")
-        hf.update(mamba_n_heads=m2.n_heads, mamba_d_head=m2.head_dim, mamba_d_state=m2.d_state,
-                  mamba_n_groups=m2.n_groups, mamba_d_conv=m2.d_conv, mamba_conv_bias=m2.conv_bias,
-                  mamba_proj_bias=m2.proj_bias, mamba_chunk_size=m2.chunk_size,
-                  mamba_expand=integer_ratio(m2.d_inner, cfg.d_model, "mamba2.d_inner as mamba_expand"),
-                  time_step_limit=list(m2.dt_limit))
-    elif "mamba_n_heads" not in hf:  # no Mamba layers: sizes that BambaConfig's validation accepts
-        hf.update(mamba_n_heads=1, mamba_expand=2, mamba_d_head=2 * cfg.d_model)
+    _bamba_mixer_to_hf(cfg, hf, mixers, "bamba")
     if "attention" in mixers:
         att = cfg.attention
         if att.rope is None or att.qkv_bias != att.out_bias:
@@ -475,3 +497,132 @@ def _bamba_rules(cfg: ModelConfig) -> list:
 
 
 register(Family("bamba", "BambaForCausalLM", _bamba_from_hf, _bamba_to_hf, _bamba_rules))
+
+
+# --- Granite 4.0 (GraniteMoeHybrid) -----------------------------------------------------------------
+
+_GRANITE_KINDS = {"mamba": "mamba2", "linear_attention": "mamba2", "attention": "attention",
+                  "full_attention": "attention"}
+
+
+def _granite_from_hf(hf: dict) -> ModelConfig:
+    d_model = hf.get("hidden_size", 4096)
+    n = hf.get("num_hidden_layers", 32)
+    types = hf.get("layer_types") or hf.get("layers_block_type") or ["mamba"] * n
+    bad = sorted(set(types) - set(_GRANITE_KINDS))
+    if bad or len(types) != n:
+        raise ValueError(f"granitemoehybrid: layer_types must name num_hidden_layers={n} layers as mamba or "
+                         f"attention; got {len(types)} entries, unknown {bad}")
+    n_experts = hf.get("num_local_experts", 8)
+    shared = hf.get("shared_intermediate_size", 1024)
+    if n_experts and not shared:
+        raise _unsupported("granitemoehybrid", "shared_intermediate_size=0 with experts")
+    ff = "moe" if n_experts else "mlp"
+    layers = tuple(k for t in types for k in (_GRANITE_KINDS[t], ff))
+    eps = hf.get("rms_norm_eps", 1e-6)
+    m2 = _bamba_mixer_from_hf(hf, "granitemoehybrid", eps)
+    heads = hf.get("num_attention_heads", 32)
+    bias = hf.get("attention_bias", False)
+    rope = None
+    if hf.get("position_embedding_type") == "rope":  # "nope" or None: no positional encoding
+        params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        if params.get("rope_type", params.get("type", "default")) != "default":
+            raise _unsupported("granitemoehybrid", f"rope_parameters={params} (only plain RoPE)")
+        rope = RopeConfig(theta=float(params.get("rope_theta", hf.get("rope_theta", 10000.0))))
+    att = AttentionConfig(n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
+                          head_dim=hf.get("head_dim") or d_model // heads, qkv_bias=bias, out_bias=bias, rope=rope,
+                          scale=float(hf.get("attention_multiplier", 1.0)))
+    moe = mlp = None
+    if n_experts:
+        moe = MoEConfig(n_experts=n_experts, top_k=hf.get("num_experts_per_tok", 2),
+                        d_ff=hf.get("intermediate_size", 11008), activation="swiglu", router="softmax",
+                        normalize_top_k=True, shared_d_ff=shared,
+                        aux_loss_coef=hf.get("router_aux_loss_coef", 0.001))
+    else:
+        mlp = MLPConfig(d_ff=shared, activation="swiglu")
+    return ModelConfig(vocab_size=hf.get("vocab_size", 32000), d_model=d_model, layers=layers,
+                       mamba2=m2 if "mamba2" in layers else None, attention=att if "attention" in layers else None,
+                       mlp=mlp, moe=moe, norm_eps=eps, tie_embeddings=hf.get("tie_word_embeddings", False),
+                       embedding_multiplier=hf.get("embedding_multiplier", 1.0),
+                       residual_multiplier=hf.get("residual_multiplier", 1.0),
+                       logits_divisor=hf.get("logits_scaling", 1.0), model_type="granitemoehybrid", extra=hf)
+
+
+def _granite_to_hf(cfg: ModelConfig) -> dict:
+    mixers, ffs = _split_pairs(cfg, "granitemoehybrid", {"mamba2", "attention"}, {"mlp", "moe"})
+    if len(set(ffs)) != 1:
+        raise ValueError("granitemoehybrid has the same feed-forward (MoE plus shared MLP, or the shared MLP alone) "
+                         f"in every decoder layer; got {sorted(set(ffs))}")
+    hf = _base_hf(cfg, "granitemoehybrid", "GraniteMoeHybridForCausalLM", mup_scalars=True)
+    hf.pop("layers_block_type", None)
+    hf.update(num_hidden_layers=len(mixers), rms_norm_eps=cfg.norm_eps, hidden_act="silu",
+              layer_types=["mamba" if k == "mamba2" else "attention" for k in mixers],  # IBM's names: every reader
+              embedding_multiplier=cfg.embedding_multiplier, residual_multiplier=cfg.residual_multiplier,
+              logits_scaling=cfg.logits_divisor)
+    _bamba_mixer_to_hf(cfg, hf, mixers, "granitemoehybrid")
+    if "attention" in mixers:
+        att = cfg.attention
+        if att.qkv_bias != att.out_bias or att.head_dim != cfg.d_model // att.n_heads:
+            raise ValueError("granitemoehybrid attention has one attention_bias flag and head_dim = hidden_size / "
+                             f"num_attention_heads (qkv_bias={att.qkv_bias}, out_bias={att.out_bias}, "
+                             f"head_dim={att.head_dim})")
+        if att.rope is not None and att.rope.fraction != 1.0:
+            raise ValueError(f"granitemoehybrid rotates whole heads, not attention.rope.fraction={att.rope.fraction}")
+        for key in ("rope_scaling", "rope_theta", "head_dim"):
+            hf.pop(key, None)
+        hf.update(num_attention_heads=att.n_heads, num_key_value_heads=att.n_kv_heads, attention_bias=att.qkv_bias,
+                  attention_multiplier=att.scale if att.scale is not None else att.head_dim ** -0.5,
+                  position_embedding_type="nope" if att.rope is None else "rope")
+        if att.rope is not None:
+            hf["rope_parameters"] = {"rope_type": "default", "rope_theta": att.rope.theta}
+    if ffs[0] == "moe":
+        moe = cfg.moe
+        if (moe.activation != "swiglu" or moe.router != "softmax" or not moe.normalize_top_k
+                or moe.routed_scaling != 1.0 or moe.shared_d_ff <= 0):
+            raise ValueError("granitemoehybrid MoE is SwiGLU experts with a softmax router renormalised over the "
+                             f"top k, no scaling, and a shared SwiGLU expert; got {moe}")
+        hf.update(num_local_experts=moe.n_experts, num_experts_per_tok=moe.top_k, intermediate_size=moe.d_ff,
+                  shared_intermediate_size=moe.shared_d_ff, router_aux_loss_coef=moe.aux_loss_coef)
+    else:
+        mlp = cfg.mlp
+        if mlp.activation != "swiglu" or mlp.bias:
+            raise ValueError(f"granitemoehybrid MLPs are SwiGLU without bias (mlp.activation={mlp.activation!r}, "
+                             f"mlp.bias={mlp.bias})")
+        hf.update(num_local_experts=0, shared_intermediate_size=mlp.d_ff)
+    return hf
+
+
+def _granite_shared_mlp_rules(hf: str, ours: str) -> list:
+    """``shared_mlp``: ``input_linear`` holds the gate then the up projection, ``(2 d_ff, d)``."""
+    return [SplitRule(f"{hf}.input_linear.weight", (f"{ours}.gate_proj.kernel", f"{ours}.up_proj.kernel"), axis=0,
+                      layout="linear"),
+            Rule(f"{hf}.output_linear.weight", f"{ours}.down_proj.kernel", "linear")]
+
+
+def _granite_rules(cfg: ModelConfig) -> list:
+    def mixer(hf: str, ours: str, kind: str) -> list:
+        if kind == "attention":
+            return _attention_rules(f"{hf}.self_attn", ours, cfg.attention)
+        return mamba2_rules(f"{hf}.mamba", ours, cfg.mamba2)
+
+    def ff(hf: str, ours: str, kind: str) -> list:
+        if kind == "mlp":
+            return _granite_shared_mlp_rules(f"{hf}.shared_mlp", ours)
+        moe = f"{hf}.block_sparse_moe"
+
+        def experts(gate_up: str, down: str):
+            return (SplitRule(f"{moe}.{gate_up}", (f"{ours}.gate_proj", f"{ours}.up_proj"), axis=1, layout="experts"),
+                    Rule(f"{moe}.{down}", f"{ours}.down_proj", "experts"))
+
+        on_disk = (Rule(f"{moe}.router.layer.weight", f"{ours}.router.kernel", "linear"),
+                   *experts("input_linear.weight", "output_linear.weight"))
+        in_memory = (Rule(f"{moe}.router.weight", f"{ours}.router.kernel", "linear"),  # transformers 5.x modules
+                     *experts("experts.gate_up_proj", "experts.down_proj"))
+        shared = _granite_shared_mlp_rules(f"{hf}.shared_mlp", f"{ours}.shared_expert")
+        return [LayoutChoice((on_disk, in_memory)), *shared]
+
+    return _decoder_pair_rules(cfg, mixer, ff, embed="model.embed_tokens.weight", final_norm="model.norm.weight",
+                               ff_norm="post_attention_layernorm", ff_module="")
+
+
+register(Family("granitemoehybrid", "GraniteMoeHybridForCausalLM", _granite_from_hf, _granite_to_hf, _granite_rules))

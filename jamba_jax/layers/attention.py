@@ -10,6 +10,7 @@ Shapes: ``b`` batch, ``l`` length, ``h`` query heads, ``g`` kv heads, ``d`` head
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Literal
 
@@ -67,17 +68,19 @@ def _document_ids(segment_ids: jax.Array) -> jax.Array:
     return jnp.cumsum(segment_starts(segment_ids).astype(jnp.int32), axis=1)
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None, *,
+                  scale: float | None = None) -> jax.Array:
     """Causal GQA through ``jax.nn.dot_product_attention`` with XLA (cuDNN is `cudnn_attention`).
 
     q ``(b, l, h, d)``, k/v ``(b, l, g, d)`` with ``h % g == 0``; ``segment_ids (b, l)`` restricts
-    attention to the same document. Returns ``(b, l, h, d)``.
+    attention to the same document; ``scale`` multiplies the scores (None: ``1/sqrt(d)``).
+    Returns ``(b, l, h, d)``.
     """
     mask = None
     if segment_ids is not None:
         doc = _document_ids(segment_ids)
         mask = (doc[:, :, None] == doc[:, None, :])[:, None]  # (b, 1, l, l)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=None)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True, implementation=None)
 
 
 def _cudnn_supported(q: jax.Array, k: jax.Array) -> bool:
@@ -88,7 +91,7 @@ def _cudnn_supported(q: jax.Array, k: jax.Array) -> bool:
 
 
 def blockwise_masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
-                               block_q: int = 512) -> jax.Array:
+                               block_q: int = 512, scale: float | None = None) -> jax.Array:
     """``xla_attention`` with document masking, ``block_q`` queries at a time.
 
     Each block sees all keys under a causal-and-same-document mask and is rematerialised in the
@@ -111,24 +114,25 @@ def blockwise_masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment
     def one(args):
         qb, qd, qpos = args
         mask = (qd[:, :, None] == doc[:, None, :]) & (qpos[:, None] >= k_pos[None, :])[None]
-        return jax.nn.dot_product_attention(qb, k, v, mask=mask[:, None], implementation="xla")
+        return jax.nn.dot_product_attention(qb, k, v, mask=mask[:, None], scale=scale, implementation="xla")
 
     out = jax.lax.map(one, (q_blocks, q_doc, q_pos))  # (nb, b, block_q, h, d)
     return out.swapaxes(0, 1).reshape(b, lp, h, d)[:, :l]
 
 
-def _flash(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+def _flash(q: jax.Array, k: jax.Array, v: jax.Array, scale: float | None = None) -> jax.Array:
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn")
 
 
-def _cudnn_local(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+def _cudnn_local(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
+                 scale: float | None = None) -> jax.Array:
     """cuDNN on arrays of one device: a ``lax.cond`` sends rows that are not all one document to
     `blockwise_masked_attention` (cuDNN's causal kernel takes no document mask)."""
     if segment_ids is None:
-        return _flash(q, k, v)
+        return _flash(q, k, v, scale)
     one_document = jnp.all(segment_ids == segment_ids[:, :1])
-    return jax.lax.cond(one_document, lambda: _flash(q, k, v),
-                        lambda: blockwise_masked_attention(q, k, v, segment_ids).astype(q.dtype))
+    return jax.lax.cond(one_document, lambda: _flash(q, k, v, scale),
+                        lambda: blockwise_masked_attention(q, k, v, segment_ids, scale=scale).astype(q.dtype))
 
 
 #: Logical axes of attention's operands (``(b, l, heads, head_dim)``), for `per_device`.
@@ -160,7 +164,8 @@ def per_device(attention, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids:
 _warned: set[str] = set()
 
 
-def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None, *,
+                    scale: float | None = None) -> jax.Array:
     """Causal GQA through cuDNN flash attention (GPU), same contract as ``xla_attention``.
 
     Packed rows (``segment_ids`` not constant along a row) take `blockwise_masked_attention`; under
@@ -176,10 +181,10 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
                 _warned.add(str(e))
                 log.warning("cuDNN attention unavailable (%s): using XLA attention", e)
         else:
-            out = per_device(_cudnn_local, q, k, v, segment_ids)
+            out = per_device(functools.partial(_cudnn_local, scale=scale), q, k, v, segment_ids)
             if out is not None:
                 return out
-    return xla_attention(q, k, v, segment_ids)
+    return xla_attention(q, k, v, segment_ids, scale=scale)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -187,7 +192,7 @@ def _round_up(n: int, m: int) -> int:
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None, *,
-                     max_block: int = 512, interpret=None) -> jax.Array:
+                     max_block: int = 512, interpret=None, scale: float | None = None) -> jax.Array:
     """Causal GQA through Pallas splash attention (TPU), same contract as ``xla_attention``.
 
     ``l`` is padded at the end to a multiple of the block (``min(max_block, round_up(l, 128))``);
@@ -206,7 +211,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     lp = _round_up(l, block)
     pad = [(0, 0), (0, lp - l), (0, 0), (0, 0)]
     # splash applies no softmax scale; (b, l, heads, d) -> (b, heads, lp, d)
-    q = jnp.pad(q * jnp.asarray(d ** -0.5, q.dtype), pad).transpose(0, 2, 1, 3)
+    q = jnp.pad(q * jnp.asarray(d ** -0.5 if scale is None else scale, q.dtype), pad).transpose(0, 2, 1, 3)
     k = jnp.pad(k, pad).transpose(0, 2, 1, 3)
     v = jnp.pad(v, pad).transpose(0, 2, 1, 3)
 
@@ -236,18 +241,19 @@ def resolve_impl(impl: str) -> str:
     return impl
 
 
-def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, kv_lengths: jax.Array) -> jax.Array:
+def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, kv_lengths: jax.Array, *,
+                     scale: float | None = None) -> jax.Array:
     """One query per row against a KV cache (a decode step).
 
     q ``(b, h, d)``; k_cache/v_cache ``(b, L, g, d)`` of which row ``i`` attends to slots
-    ``< kv_lengths[i]`` (its own key included; ``kv_lengths >= 1``). Scale ``1/sqrt(d)``, scores
+    ``< kv_lengths[i]`` (its own key included; ``kv_lengths >= 1``). Scale ``1/sqrt(d)`` unless given, scores
     and softmax in float32, products in the cache dtype with float32 accumulation. Returns ``(b, h, d)``.
     """
     b, h, d = q.shape
     g = k_cache.shape[2]
     f32 = jnp.float32
     qg = q.astype(k_cache.dtype).reshape(b, g, h // g, d)
-    s = jnp.einsum("bgrd,blgd->bgrl", qg, k_cache, preferred_element_type=f32) * (d ** -0.5)
+    s = jnp.einsum("bgrd,blgd->bgrl", qg, k_cache, preferred_element_type=f32) * (d ** -0.5 if scale is None else scale)
     valid = jnp.arange(k_cache.shape[1])[None, :] < kv_lengths[:, None]  # (b, L)
     s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
     p = jax.nn.softmax(s, axis=-1)
@@ -258,7 +264,8 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, kv_le
 # ------------------------------------------------------------------------------------------- module
 
 class Attention(nnx.Module):
-    """Causal GQA self-attention, ``(b, l, d_model) -> (b, l, d_model)``, scale ``1/sqrt(head_dim)``.
+    """Causal GQA self-attention, ``(b, l, d_model) -> (b, l, d_model)``, scale ``cfg.scale``
+    (default ``1/sqrt(head_dim)``).
 
     Parameters (kernels ``(in, out)``): ``q_proj`` ``(d_model, h*d)`` ('embed', 'heads'),
     ``k_proj``/``v_proj`` ``(d_model, g*d)`` ('embed', 'kv_heads'), ``o_proj`` ``(h*d, d_model)``
@@ -316,11 +323,13 @@ class Attention(nnx.Module):
         module's. (Cached decoding, with fewer queries than keys, is `decode_step`.)
         """
         resolved = resolve_impl(impl or self.impl)
+        scale = self.cfg.scale
         if resolved == "splash":
-            return splash_attention(q, k, v, segment_ids, max_block=self.splash_block, interpret=self.interpret)
+            return splash_attention(q, k, v, segment_ids, max_block=self.splash_block, interpret=self.interpret,
+                                    scale=scale)
         if resolved == "cudnn":
-            return cudnn_attention(q, k, v, segment_ids)
-        return xla_attention(q, k, v, segment_ids)
+            return cudnn_attention(q, k, v, segment_ids, scale=scale)
+        return xla_attention(q, k, v, segment_ids, scale=scale)
 
     def out(self, o: jax.Array) -> jax.Array:
         """Output projection: ``(b, l, h, d) -> (b, l, d_model)``."""
@@ -360,5 +369,5 @@ class Attention(nnx.Module):
         idx = (jnp.arange(b), lengths)
         keys = cache.k.at[idx].set(k[:, 0].astype(cache.k.dtype))
         values = cache.v.at[idx].set(v[:, 0].astype(cache.v.dtype))
-        o = cached_attention(q[:, 0], keys, values, lengths + 1)
+        o = cached_attention(q[:, 0], keys, values, lengths + 1, scale=self.cfg.scale)
         return self.out(o[:, None]), KVCache(keys, values)
