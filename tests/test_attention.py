@@ -125,8 +125,9 @@ def test_packing_equals_separate_segments(rope):
         assert rel_l2(packed[r, start:start + n], alone[i, :n]) < 1e-5, (r, start, n)
 
 
-def test_splash_interpret_matches_xla():
-    cfg = AttentionConfig(N_HEADS, N_KV, HEAD_DIM, qkv_bias=True, rope=RopeConfig(fraction=0.5))
+@pytest.mark.parametrize("scale", [None, 0.3])  # None: 1/sqrt(head_dim); Granite sets its own
+def test_splash_interpret_matches_xla(scale):
+    cfg = AttentionConfig(N_HEADS, N_KV, HEAD_DIM, qkv_bias=True, rope=RopeConfig(fraction=0.5), scale=scale)
     m = Attention(cfg, D_MODEL, rngs=nnx.Rngs(4))
     graphdef, state = nnx.split(m)
     b, l = 2, 13  # l is not a multiple of the 128 block: padded inside

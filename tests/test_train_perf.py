@@ -89,9 +89,9 @@ def test_cudnn_path_with_segments(monkeypatch):
     and packed rows the blockwise masked path; both equal XLA attention, values and gradients."""
     calls = []
 
-    def fake_flash(q, k, v):
+    def fake_flash(q, k, v, scale=None):
         calls.append("flash")
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="xla")
 
     monkeypatch.setattr(A, "_flash", fake_flash)
     q, k, v = _qkv(dtype=jnp.bfloat16, l=160)
