@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -115,6 +116,11 @@ class AttentionConfig:
         if isinstance(self.rope, dict):
             object.__setattr__(self, "rope", RopeConfig(**self.rope))
 
+    @property
+    def softmax_scale(self) -> float:
+        """The factor on the scores: ``scale``, or ``1 / sqrt(head_dim)`` when it is None."""
+        return self.head_dim ** -0.5 if self.scale is None else self.scale
+
 
 @dataclass(frozen=True)
 class MLPConfig:
@@ -167,6 +173,9 @@ class MoEConfig:
                self.activation, "must be one of swiglu, geglu, relu2, gelu, gelu_tanh")
 
 
+#: `ModelConfig`'s muP-style scalars (1.0: off); only Granite checkpoints carry them.
+MUP_SCALARS = ("embedding_multiplier", "residual_multiplier", "logits_divisor")
+
 _KIND_CONFIG = {"mamba1": Mamba1Config, "mamba2": Mamba2Config, "attention": AttentionConfig,
                 "mlp": MLPConfig, "moe": MoEConfig}
 
@@ -200,10 +209,10 @@ class ModelConfig:
     def __post_init__(self):
         _check(self.vocab_size > 0, "vocab_size", self.vocab_size, "must be positive")
         _check(self.d_model > 0, "d_model", self.d_model, "must be positive")
-        for name in ("embedding_multiplier", "residual_multiplier", "logits_divisor"):
+        for name in MUP_SCALARS:
             value = getattr(self, name)
-            _check(isinstance(value, (int, float)) and math.isfinite(value) and value != 0, name, value,
-                   "must be a finite, non-zero number")
+            _check(isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+                   and value > 0, name, value, "must be a positive number")
             object.__setattr__(self, name, float(value))
         layers = tuple(self.layers)
         object.__setattr__(self, "layers", layers)

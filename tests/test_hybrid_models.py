@@ -68,10 +68,11 @@ CONFIGS = {
         mamba_chunk_size=16, embedding_multiplier=3.0, residual_multiplier=0.4, attention_multiplier=0.3,
         logits_scaling=2.5, position_embedding_type="rope", attention_bias=True, time_step_limit=(0.0, 2.0),
         rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
-    # dense Granite (num_local_experts=0: the shared MLP alone), no positional encoding, tied head
+    # dense Granite (num_local_experts=0: the shared MLP alone), no positional encoding, tied head,
+    # heads wider than hidden_size / num_attention_heads
     "granite_dense": lambda: transformers.GraniteMoeHybridConfig(
         vocab_size=59, hidden_size=32, num_hidden_layers=3, layer_types=["attention", "mamba", "mamba"],
-        num_attention_heads=4, num_key_value_heads=4, num_local_experts=0, shared_intermediate_size=24,
+        num_attention_heads=4, num_key_value_heads=4, head_dim=16, num_local_experts=0, shared_intermediate_size=24,
         mamba_n_heads=8, mamba_d_state=8, mamba_chunk_size=8, embedding_multiplier=12.0, residual_multiplier=0.22,
         attention_multiplier=0.0625, logits_scaling=6.0, position_embedding_type="nope", tie_word_embeddings=True,
         mamba_conv_bias=False),
@@ -133,6 +134,7 @@ def test_config_mapping(checkpoints):
     assert (granite.embedding_multiplier, granite.residual_multiplier, granite.logits_divisor) == (3.0, 0.4, 2.5)
     dense = checkpoints("granite_dense")[2].config
     assert set(dense.layers[1::2]) == {"mlp"} and dense.mlp.d_ff == 24 and dense.attention.rope is None
+    assert dense.attention.head_dim == 16
 
 
 def _round_trip(model, torch_model, path):
@@ -268,6 +270,26 @@ def test_granite_in_memory_layout_loads(checkpoints, tmp_path):
         np.testing.assert_array_equal(got[key], value, err_msg=key)
     jamba_jax.save_pretrained(model, tmp_path / "ours")
     assert set(read_tensors(tmp_path / "ours")) == on_disk
+
+
+def test_granite_ibm_config_json_loads_and_round_trips(checkpoints, tmp_path):
+    """IBM's own config.json style (``mamba`` / ``attention`` layer names, a top-level ``rope_theta``,
+    ``rope_scaling: null``, integer multipliers), not what transformers 5.x writes."""
+    torch_model, path, _ = checkpoints("granite_moe")
+    config = json.loads((path / "config.json").read_text())
+    theta = config.pop("rope_parameters")["rope_theta"]
+    config.update(layer_types=["mamba", "attention", "mamba", "mamba"], rope_theta=theta, rope_scaling=None,
+                  embedding_multiplier=3, logits_scaling=2.5)
+    ibm = tmp_path / "ibm"
+    write_checkpoint(ibm, config, read_tensors(path))
+    model = jamba_jax.from_pretrained(ibm)
+    assert model.config.attention.rope.theta == theta and model.config.embedding_multiplier == 3.0
+    ids = _ids(model.config.vocab_size)
+    assert rel_l2(model(jnp.asarray(ids)), torch_logits(torch_model, ids)) < 1e-4
+    reloaded = _round_trip(model, torch_model, tmp_path / "ours")
+    written = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert written["layer_types"] == config["layer_types"] and written["rope_theta"] == theta
+    assert reloaded.config.rope_parameters["rope_theta"] == theta
 
 
 def test_layout_errors_name_the_closest_layout(checkpoints, tmp_path):

@@ -41,7 +41,7 @@ def test_per_layer_hidden_states_follow_the_stack():
     block0 = nnx.merge(*nnx.split(model.blocks[0]))  # stacked over repetitions
     graphdef, state = nnx.split(block0)
     first = nnx.merge(graphdef, jax.tree.map(lambda x: x[0], state))
-    h0, _ = first(model.embed(IDS).astype(jnp.float32), segment_ids=None, positions=None)
+    h0, _ = first(model.embed_tokens(IDS), segment_ids=None, positions=None)
     assert rel_l2(per_layer[0], h0) < 1e-6
     second_rep = nnx.merge(graphdef, jax.tree.map(lambda x: x[1], state))
     h2, _ = second_rep(per_layer[1], segment_ids=None, positions=None)

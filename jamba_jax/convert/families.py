@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from jamba_jax.config import Mamba1Config, Mamba2Config, ModelConfig
+from jamba_jax.config import MUP_SCALARS, Mamba1Config, Mamba2Config, ModelConfig
 from jamba_jax.convert.rules import Rule, linear_rules, mamba1_rules, mamba2_rules
 
 
@@ -58,10 +58,9 @@ def _base_hf(cfg: ModelConfig, model_type: str, architecture: str, *, mup_scalar
     """The config.json fields every family shares, on top of the source config's (same model type).
     Families without muP scalars (all but Granite: ``mup_scalars=False``) refuse configs that use them."""
     if not mup_scalars:
-        used = {name: getattr(cfg, name) for name in ("embedding_multiplier", "residual_multiplier", "logits_divisor")
-                if getattr(cfg, name) != 1.0}
+        used = {name: getattr(cfg, name) for name in MUP_SCALARS if getattr(cfg, name) != 1.0}
         att = cfg.attention
-        if att is not None and att.scale is not None and not math.isclose(att.scale, att.head_dim ** -0.5):
+        if att is not None and not math.isclose(att.softmax_scale, att.head_dim ** -0.5):
             used["attention.scale"] = att.scale
         if used:
             raise ValueError(f"{model_type} cannot express {used} (only granitemoehybrid has these scalars)")

@@ -531,7 +531,7 @@ def _granite_from_hf(hf: dict) -> ModelConfig:
         rope = RopeConfig(theta=float(params.get("rope_theta", hf.get("rope_theta", 10000.0))))
     att = AttentionConfig(n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
                           head_dim=hf.get("head_dim") or d_model // heads, qkv_bias=bias, out_bias=bias, rope=rope,
-                          scale=float(hf.get("attention_multiplier", 1.0)))
+                          scale=hf.get("attention_multiplier", 1.0))  # null: 1/sqrt(head_dim), as transformers
     moe = mlp = None
     if n_experts:
         moe = MoEConfig(n_experts=n_experts, top_k=hf.get("num_experts_per_tok", 2),
@@ -562,25 +562,31 @@ def _granite_to_hf(cfg: ModelConfig) -> dict:
     _bamba_mixer_to_hf(cfg, hf, mixers, "granitemoehybrid")
     if "attention" in mixers:
         att = cfg.attention
-        if att.qkv_bias != att.out_bias or att.head_dim != cfg.d_model // att.n_heads:
-            raise ValueError("granitemoehybrid attention has one attention_bias flag and head_dim = hidden_size / "
-                             f"num_attention_heads (qkv_bias={att.qkv_bias}, out_bias={att.out_bias}, "
-                             f"head_dim={att.head_dim})")
+        if att.qkv_bias != att.out_bias:
+            raise ValueError("granitemoehybrid attention has one attention_bias flag "
+                             f"(attention.qkv_bias={att.qkv_bias}, attention.out_bias={att.out_bias})")
         if att.rope is not None and att.rope.fraction != 1.0:
             raise ValueError(f"granitemoehybrid rotates whole heads, not attention.rope.fraction={att.rope.fraction}")
-        for key in ("rope_scaling", "rope_theta", "head_dim"):
+        for key in ("rope_scaling", "rope_parameters", "rope_theta"):
             hf.pop(key, None)
         hf.update(num_attention_heads=att.n_heads, num_key_value_heads=att.n_kv_heads, attention_bias=att.qkv_bias,
-                  attention_multiplier=att.scale if att.scale is not None else att.head_dim ** -0.5,
+                  attention_multiplier=att.softmax_scale,
                   position_embedding_type="nope" if att.rope is None else "rope")
-        if att.rope is not None:
-            hf["rope_parameters"] = {"rope_type": "default", "rope_theta": att.rope.theta}
+        if att.head_dim != cfg.d_model // att.n_heads:
+            hf["head_dim"] = att.head_dim
+        else:
+            hf.pop("head_dim", None)
+        if att.rope is not None:  # rope_theta too: transformers 4.x reads only that
+            hf.update(rope_parameters={"rope_type": "default", "rope_theta": att.rope.theta}, rope_theta=att.rope.theta)
     if ffs[0] == "moe":
         moe = cfg.moe
-        if (moe.activation != "swiglu" or moe.router != "softmax" or not moe.normalize_top_k
-                or moe.routed_scaling != 1.0 or moe.shared_d_ff <= 0):
+        wrong = {f"moe.{name}": getattr(moe, name) for name, ok in (
+            ("activation", moe.activation == "swiglu"), ("router", moe.router == "softmax"),
+            ("normalize_top_k", moe.normalize_top_k), ("routed_scaling", moe.routed_scaling == 1.0),
+            ("shared_d_ff", moe.shared_d_ff > 0), ("n_groups", moe.n_groups == 1)) if not ok}
+        if wrong:
             raise ValueError("granitemoehybrid MoE is SwiGLU experts with a softmax router renormalised over the "
-                             f"top k, no scaling, and a shared SwiGLU expert; got {moe}")
+                             f"top k, no scaling or expert groups, and a shared SwiGLU expert; got {wrong}")
         hf.update(num_local_experts=moe.n_experts, num_experts_per_tok=moe.top_k, intermediate_size=moe.d_ff,
                   shared_intermediate_size=moe.shared_d_ff, router_aux_loss_coef=moe.aux_loss_coef)
     else:

@@ -264,8 +264,8 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, kv_le
 # ------------------------------------------------------------------------------------------- module
 
 class Attention(nnx.Module):
-    """Causal GQA self-attention, ``(b, l, d_model) -> (b, l, d_model)``, scale ``cfg.scale``
-    (default ``1/sqrt(head_dim)``).
+    """Causal GQA self-attention, ``(b, l, d_model) -> (b, l, d_model)``, scores times
+    ``cfg.softmax_scale`` (``1/sqrt(head_dim)`` unless the config sets one).
 
     Parameters (kernels ``(in, out)``): ``q_proj`` ``(d_model, h*d)`` ('embed', 'heads'),
     ``k_proj``/``v_proj`` ``(d_model, g*d)`` ('embed', 'kv_heads'), ``o_proj`` ``(h*d, d_model)``
@@ -323,7 +323,7 @@ class Attention(nnx.Module):
         module's. (Cached decoding, with fewer queries than keys, is `decode_step`.)
         """
         resolved = resolve_impl(impl or self.impl)
-        scale = self.cfg.scale
+        scale = self.cfg.softmax_scale
         if resolved == "splash":
             return splash_attention(q, k, v, segment_ids, max_block=self.splash_block, interpret=self.interpret,
                                     scale=scale)
@@ -369,5 +369,5 @@ class Attention(nnx.Module):
         idx = (jnp.arange(b), lengths)
         keys = cache.k.at[idx].set(k[:, 0].astype(cache.k.dtype))
         values = cache.v.at[idx].set(v[:, 0].astype(cache.v.dtype))
-        o = cached_attention(q[:, 0], keys, values, lengths + 1, scale=self.cfg.scale)
+        o = cached_attention(q[:, 0], keys, values, lengths + 1, scale=self.cfg.softmax_scale)
         return self.out(o[:, None]), KVCache(keys, values)
