@@ -391,15 +391,20 @@ register(Family("nemotron_h", "NemotronHForCausalLM", _nemotron_from_hf, _nemotr
 
 # --- Bamba ------------------------------------------------------------------------------------------
 
-def _bamba_rope(hf: dict) -> RopeConfig:
-    """transformers 5.x: ``rope_parameters`` (or legacy ``rope_scaling``) first, then a top-level
-    ``rope_theta``; ``partial_rotary_factor`` defaults to 0.5 and a top-level one is ignored."""
+def _plain_rope(hf: dict, model_type: str) -> tuple[dict, float]:
+    """The RoPE fields of a config and its base: transformers 5.x's ``rope_parameters`` (or the
+    legacy ``rope_scaling``) first, then a top-level ``rope_theta``; only plain RoPE is supported."""
     params = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type != "default":
-        raise _unsupported("bamba", f"rope_type={rope_type!r} (only plain RoPE)")
-    return RopeConfig(theta=float(params.get("rope_theta", hf.get("rope_theta", 10000.0))),
-                      fraction=float(params.get("partial_rotary_factor", 0.5)))
+        raise _unsupported(model_type, f"rope_parameters rope_type={rope_type!r} (only plain RoPE)")
+    return params, float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def _bamba_rope(hf: dict) -> RopeConfig:
+    """``partial_rotary_factor`` from the RoPE parameters, default 0.5 (a top-level one is ignored)."""
+    params, theta = _plain_rope(hf, "bamba")
+    return RopeConfig(theta=theta, fraction=float(params.get("partial_rotary_factor", 0.5)))
 
 
 # Bamba and Granite 4.0 share transformers' Bamba Mamba-2 mixer and its ``mamba_*`` config fields, and
@@ -524,11 +529,8 @@ def _granite_from_hf(hf: dict) -> ModelConfig:
     heads = hf.get("num_attention_heads", 32)
     bias = hf.get("attention_bias", False)
     rope = None
-    if hf.get("position_embedding_type") == "rope":  # "nope" or None: no positional encoding
-        params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        if params.get("rope_type", params.get("type", "default")) != "default":
-            raise _unsupported("granitemoehybrid", f"rope_parameters={params} (only plain RoPE)")
-        rope = RopeConfig(theta=float(params.get("rope_theta", hf.get("rope_theta", 10000.0))))
+    if hf.get("position_embedding_type") == "rope":  # "nope" or None: no positional encoding; whole heads
+        rope = RopeConfig(theta=_plain_rope(hf, "granitemoehybrid")[1])
     att = AttentionConfig(n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
                           head_dim=hf.get("head_dim") or d_model // heads, qkv_bias=bias, out_bias=bias, rope=rope,
                           scale=hf.get("attention_multiplier", 1.0))  # null: 1/sqrt(head_dim), as transformers

@@ -120,13 +120,12 @@ def _kernel(cfg: _Cfg, *refs):
     # per-program constants once into shared memory: A log2(e) rows, then D and bias
     plgpu.copy_gmem_to_smem(A_g.at[:, cols], consts.at[pl.ds(0, n)], barrier)
     plgpu.barrier_wait(barrier)
-    row = n
-    extra = [(D_g, cfg.has_D), (bias_g, cfg.has_bias)]
-    for ref, present in extra:
-        if present:
+    extra_rows = {}                  # "D" / "bias" -> its row of consts
+    for name, ref in (("D", D_g), ("bias", bias_g)):
+        if ref is not None:
+            extra_rows[name] = row = n + len(extra_rows)
             plgpu.copy_gmem_to_smem(ref.at[cols], consts.at[row], barrier)
             plgpu.barrier_wait(barrier)
-            row += 1
     # the entering state goes through shared memory either way: a constant zero would have a
     # splat layout, and the pipeline's carry must keep the loaded one (one element per thread)
     if cfg.has_h0:
@@ -137,12 +136,7 @@ def _kernel(cfg: _Cfg, *refs):
             state[k, :] = jnp.zeros((LANES,), f32)
     h = tuple(state[k, :] for k in range(n))
     A2 = [consts[k, :] for k in range(n)]
-    row = n
-    Dv = bias = None
-    if cfg.has_D:
-        Dv, row = consts[row, :], row + 1
-    if cfg.has_bias:
-        bias = consts[row, :]
+    Dv, bias = (consts[extra_rows[name], :] if name in extra_rows else None for name in ("D", "bias"))
 
     g = j // cfg.blocks_per_group
     tile = lambda: pl.BlockSpec((None, K, LANES), lambda s: (i, s, j))
