@@ -17,10 +17,12 @@ The memory floor is the time to move each operand once at ``--bandwidth`` bytes/
 forward reads u, delta, B, C, z and writes y; forward + backward also reads dy and writes
 du, d(delta), dB, dC, dz (A, D and the bias are negligible).
 
-Before timing, the kernel is checked on the GPU against the sequential reference in float32
-(values and all gradients, segments, initial state, l not a multiple of the chunk), with the
-default config and with the sequence split across programs (forward 4, backward 3 splits),
-and at the benchmark shapes against ``impl="xla"``.
+Before timing, the kernels are checked on the GPU against the sequential reference in float32
+(values and all gradients, segments, initial state, l not a multiple of the chunk): the Triton
+forward, unsplit and with the sequence split across programs (forward 4, backward 3 splits),
+and the default config at d = 256 (on Hopper: the Mosaic GPU forward with the Triton
+backward); with ``--mgpu`` also the Mosaic GPU forward alone; and at the benchmark shapes
+against ``impl="xla"`` when the baselines run.
 
 ``--sweep`` times GpuConfig variants after the main rows, each as SHAPE:SEQ_SPLITS:D_BLOCK
 [:UNROLL[:BWD_SEQ_SPLITS]] (SHAPE: a name or an index into the shape list; the other fields
@@ -54,10 +56,13 @@ from pallas_kernels.selective_scan.pallas_mgpu import selective_scan_fwd_mgpu  #
 from pallas_kernels.selective_scan.pallas_gpu import (  # noqa: E402
     GpuConfig,
     default_seq_splits,
+    resolve_forward,
     selective_scan_pallas_gpu,
 )
 
 SHAPES = {"jamba-v0.1": (2, 4096, 8192, 16), "mamba-130m": (8, 2048, 1536, 16)}
+# timed only when named in --shapes: one long sequence (few channel blocks per SM)
+EXTRA_SHAPES = {"one-long-seq": (1, 16384, 4096, 16)}
 TINY_SHAPES = {"tiny": (2, 70, 128, 16)}
 # forward variants: (fwd_d_block, fwd_num_warps, unroll, prefetch); backward: (bwd_d_block,
 # bwd_num_warps, chunk, sub_chunk).  The first of each is GpuConfig's default.  Variants are
@@ -137,7 +142,8 @@ def floor_seconds(b, l, d, n, bytes_per, bandwidth, backward):
 
 
 def gpu_cfg(fv, bv):
-    return GpuConfig(fwd_d_block=fv[0], fwd_num_warps=fv[1], unroll=fv[2], prefetch=bool(fv[3]),
+    return GpuConfig(forward="triton",
+                     fwd_d_block=fv[0], fwd_num_warps=fv[1], unroll=fv[2], prefetch=bool(fv[3]),
                      prefetch_bc=bool(fv[4]) if len(fv) > 4 else False,
                      bwd_d_block=bv[0], bwd_num_warps=bv[1], chunk=bv[2], sub_chunk=bv[3])
 
@@ -145,9 +151,9 @@ def gpu_cfg(fv, bv):
 SPLIT_CHECK = dict(seq_splits=4, bwd_seq_splits=3)    # l = 203: 12 chunks of 16 + 11
 
 
-def check_small(interpret, config=None):
+def check_small(interpret, config=None, d=64):
     """float32 on the device vs the sequential reference: values and every gradient."""
-    b, l, d, n = 2, 203, 64, 16          # 203 = 12 chunks of 16 + 11 (tail: 2 sub-chunks + 3)
+    b, l, n = 2, 203, 16                 # 203 = 12 chunks of 16 + 11 (tail: 2 sub-chunks + 3)
     x = make_inputs(1, b, l, d, n, jnp.float32)
     x["initial_state"] = jnp.asarray(np.random.default_rng(2).standard_normal((b, d, n)), jnp.float32)
     seg = np.zeros((b, l), np.int32)
@@ -171,7 +177,7 @@ def check_small(interpret, config=None):
 
 
 def check_mgpu_small(interpret, block_l=16, poly_exp=0, unroll=1):
-    """The Mosaic GPU forward prototype in float32 vs the sequential reference."""
+    """The Mosaic GPU forward in float32 vs the sequential reference."""
     b, l, d, n = 2, 203, 256, 16
     x = make_inputs(1, b, l, d, n, jnp.float32)
     x["initial_state"] = jnp.asarray(np.random.default_rng(2).standard_normal((b, d, n)), jnp.float32)
@@ -199,14 +205,17 @@ def main():
                    help="';'-separated forward variants, e.g. '16,1,4,1,1;8,1,4,1,1'")
     p.add_argument("--bwd-variants", default=None, help="';'-separated backward variants")
     p.add_argument("--skip-baselines", action="store_true", help="time only the Pallas kernel")
-    p.add_argument("--skip-check", action="store_true", help="skip the float32 reference check")
+    p.add_argument("--skip-check", action="store_true", help="skip the float32 reference checks")
+    p.add_argument("--mgpu-check-only", action="store_true",
+                   help="of the float32 reference checks, run only the default config's "
+                        "(d = 256) and the Mosaic GPU forward's")
     p.add_argument("--sweep", default="",
                    help="GpuConfig variants timed after the main rows, comma-separated "
                         "SHAPE:SEQ_SPLITS:D_BLOCK[:UNROLL[:BWD_SEQ_SPLITS]]; with the fifth "
                         "field also forward + backward (e.g. 'jamba-v0.1:2:16:2,0:1:16:4:2'); "
                         "--shapes none times only the sweep")
     p.add_argument("--mgpu", default="",
-                   help="also time the Mosaic GPU forward prototype (pallas_mgpu), comma-"
+                   help="also time the Mosaic GPU forward (pallas_mgpu), comma-"
                         "separated BLOCK_L:STAGES[:POLY_EXP[:UNROLL]] variants, e.g. "
                         "'16:2,16:2:4:16'; checked in float32 against the reference first "
                         "(the variant with the most POLY_EXP, then UNROLL); "
@@ -220,11 +229,12 @@ def main():
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
     interpret = args.tiny
-    shapes = all_shapes = TINY_SHAPES if args.tiny else SHAPES
+    shapes = TINY_SHAPES if args.tiny else SHAPES
+    all_shapes = TINY_SHAPES if args.tiny else {**SHAPES, **EXTRA_SHAPES}
     if args.tiny and not args.sweep:   # smoke-test the sweep too: splits, d_block, unroll
         args.sweep = "tiny:2:16:2:4,0:4:8"
     if args.shapes:
-        shapes = {k: v for k, v in shapes.items() if k in args.shapes.split(",")}
+        shapes = {k: v for k, v in all_shapes.items() if k in args.shapes.split(",")}
     fwd_variants = FWD_VARIANTS[:1] if args.no_variants or args.tiny else FWD_VARIANTS
     bwd_variants = BWD_VARIANTS[:1] if args.no_variants or args.tiny else BWD_VARIANTS
     parse = lambda text: [tuple(int(v) for v in item.split(",")) for item in text.split(";")]
@@ -247,26 +257,36 @@ def main():
                 f.write("\n".join(LOG) + "\n")
 
     try:
-        if not args.skip_check:
-            for key, cfg in (("float32_vs_reference", None),
-                             ("float32_vs_reference_splits", GpuConfig(**SPLIT_CHECK))):
-                t = time.time()
-                errs = check_small(interpret, cfg)
-                results["checks"][key] = errs
-                worst = max(errs.values())
-                splits = default_seq_splits(2, 203, 64, 1, cfg)
-                log(f"check float32 vs reference (b=2 l=203 d=64 n=16, segments, initial state, "
-                    f"seq splits fwd/bwd {splits[0]}/{splits[1]}): worst rel err {worst:.2e} "
-                    f"{'OK' if worst < 1e-4 else 'FAIL'} ({time.time() - t:.0f}s)")
-                log("  " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+        checks = [  # (key, config, d): d = 64 runs Triton; "auto" picks Mosaic GPU at 256
+            ("float32_vs_reference", GpuConfig(forward="triton"), 64),
+            ("float32_vs_reference_splits", GpuConfig(forward="triton", **SPLIT_CHECK), 64),
+            ("float32_vs_reference_default", None, 256)]
+        for key, cfg, d in ([] if args.skip_check else checks):
+            if args.mgpu_check_only and cfg is not None:
+                continue
+            t = time.time()
+            errs = check_small(interpret, cfg, d)
+            results["checks"][key] = errs
+            worst = max(errs.values())
+            used = resolve_forward(cfg or GpuConfig(), d, interpret).forward
+            splits = default_seq_splits(2, 203, d, 1, cfg)
+            log(f"check float32 vs reference (b=2 l=203 d={d} n=16, segments, initial state, "
+                f"forward {used}, seq splits fwd/bwd {splits[0]}/{splits[1]}): worst rel err "
+                f"{worst:.2e} {'OK' if worst < 1e-4 else 'FAIL'} ({time.time() - t:.0f}s)")
+            log("  " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
 
         if mgpu_variants and not args.skip_check:
             K, _, poly, unroll = max(mgpu_variants, key=lambda v: (v[2], v[3]))
-            errs = check_mgpu_small(interpret, K, poly, unroll)
+            try:   # a failing Mosaic GPU kernel must not stop the Triton kernels' timings
+                errs = check_mgpu_small(interpret, K, poly, unroll)
+            except Exception as e:
+                errs = {"error": f"{type(e).__name__}: {str(e)[:2000]}"}
+                traceback.print_exc()
             results["checks"]["mgpu_float32_vs_reference"] = errs
             log(f"check mgpu forward (K={K},poly={poly},unroll={unroll}) float32 vs reference "
                 "(b=2 l=203 d=256 n=16, segments, initial state): "
-                + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+                + " ".join(f"{k}={v:.1e}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in errs.items()))
         for name, (b, l, d, n) in shapes.items():
             x = make_inputs(7, b, l, d, n, jnp.bfloat16)
             dy = jnp.asarray(np.random.default_rng(8).standard_normal((b, l, d)), jnp.bfloat16)
@@ -343,7 +363,7 @@ def main():
                 record(label, "fwd+bwd", fwd_bwd_fn(impl), (x, dy), args.inner)
                 if len(rows) > before and (best_b is None or rows[-1]["ms"] < best_b):
                     best_b, best_bv = rows[-1]["ms"], bv
-            best_m = None                    # (ms, stages, poly_exp, unroll) at K = 16
+            best_m = None    # (ms, K, stages, poly_exp, unroll) usable with our backward
             for K, stages, poly, unroll in (mgpu_variants if d % 128 == 0 else []):
                 impl = functools.partial(selective_scan_fwd_mgpu, block_l=K, poly_exp=poly,
                                          unroll=unroll, max_concurrent_steps=stages,
@@ -351,16 +371,18 @@ def main():
                 before = len(rows)
                 record(f"mgpu fwd(K={K},stages={stages},poly={poly},unroll={unroll})", "fwd",
                        fwd_fn(impl), (x,), args.inner)
-                if len(rows) > before and K == 16 and (best_m is None or rows[-1]["ms"] < best_m[0]):
-                    best_m = (rows[-1]["ms"], stages, poly, unroll)
-            if best_m is not None:           # its checkpoints (every 16 steps) + our backward
-                _, stages, poly, unroll = best_m
+                chunk = gpu_cfg(best_fv, best_bv).chunk      # the backward's checkpoints
+                if (len(rows) > before and K % chunk == 0 and chunk % unroll == 0
+                        and (best_m is None or rows[-1]["ms"] < best_m[0])):
+                    best_m = (rows[-1]["ms"], K, stages, poly, unroll)
+            if best_m is not None:           # its checkpoints (every chunk) + our backward
+                _, K, stages, poly, unroll = best_m
                 cfg = dataclasses.replace(gpu_cfg(best_fv, best_bv), forward="mgpu",
-                                          mgpu_stages=stages, mgpu_poly_exp=poly,
-                                          mgpu_unroll=unroll)
+                                          mgpu_block_l=K, mgpu_stages=stages,
+                                          mgpu_poly_exp=poly, mgpu_unroll=unroll)
                 impl = functools.partial(selective_scan_pallas_gpu, interpret=interpret,
                                          config=cfg)
-                record(f"mgpu fwd(K=16,stages={stages},poly={poly},unroll={unroll}) + pallas bwd",
+                record(f"mgpu fwd(K={K},stages={stages},poly={poly},unroll={unroll}) + pallas bwd",
                        "fwd+bwd", fwd_bwd_fn(impl), (x, dy), args.inner)
             # later shapes: only the fastest variants
             fwd_variants, bwd_variants = [best_fv], [best_bv]
@@ -476,7 +498,7 @@ def summary(rows):
             mgpu = [r for r in sel if r["impl"].startswith("mgpu")]
             if mgpu:
                 b = min(mgpu, key=lambda r: r["ms"])
-                log(f"{shape:11s} {mode:8s} {b['ms']:11.3f} (Mosaic GPU prototype) "
+                log(f"{shape:11s} {mode:8s} {b['ms']:11.3f} (Mosaic GPU forward) "
                     f"{b['ms'] / floor:6.2f}x floor  {b['impl']}")
 
 

@@ -4,6 +4,7 @@ A kernel whose programs each walk a whole sequence in order is latency bound whe
 of them.  Splitting the sequence into S parts gives S times the programs: a first kernel computes,
 per part, what the part adds to the carried state from a zero start; `chain_splits` turns those
 into the true state at every part boundary; the main kernel then runs all parts at once.
+Also here: the device queries (SM count, compute capability) the kernels' heuristics use.
 """
 from __future__ import annotations
 
@@ -18,6 +19,16 @@ def num_sms() -> int:
         return int(getattr(dev, "core_count", 132) or 132)
     except RuntimeError:
         return 132
+
+
+def compute_capability() -> tuple[int, int] | None:
+    """(major, minor) of the first GPU (9.0 on Hopper), or None without one."""
+    try:
+        dev = jax.local_devices(backend="gpu")[0]
+    except RuntimeError:
+        return None
+    cc = getattr(dev, "compute_capability", None)
+    return tuple(int(v) for v in str(cc).split(".")[:2]) if cc else None
 
 
 def effective_splits(requested: int, chunks: int) -> int:

@@ -38,14 +38,21 @@ def test_forward_matches_reference(case):
     assert rel_l2(y, y0) < 1e-5 and rel_l2(s, s0) < 1e-5
 
 
-def test_checkpoints_are_tile_entry_states():
+@pytest.mark.parametrize("block_l,ckpt_every", [(16, 16), (32, 16), (16, 8), (16, None)])
+def test_checkpoints_are_entry_states(block_l, ckpt_every):
+    """The state entering every ckpt_every steps, also several per tile, none past l."""
     b, l, d, n = 1, 40, 128, 4
     x = make_inputs(5, b=b, l=l, d=d, n=n)
     args = (x["u"], x["delta"], x["A"], x["B"], x["C"])
-    _, _, ck = selective_scan_fwd_mgpu(*args, initial_state=x["initial_state"], save=True,
-                                       interpret=True)
-    assert ck.shape == (b, 3, n, d)
-    for k, t in enumerate((0, 16, 32)):
+    out = selective_scan_fwd_mgpu(*args, initial_state=x["initial_state"], block_l=block_l,
+                                  ckpt_every=ckpt_every, interpret=True)
+    if ckpt_every is None:
+        assert len(out) == 2
+        return
+    ck = out[2]
+    starts = range(0, l, ckpt_every)
+    assert ck.shape == (b, len(starts), n, d)
+    for k, t in enumerate(starts):
         if t == 0:
             want = x["initial_state"]
         else:
@@ -64,7 +71,7 @@ def test_lowers_for_cuda():
              z=T((b, l, d), jnp.bfloat16), delta_bias=T((d,), f32),
              initial_state=T((b, d, n), f32))
     f = lambda x, seg: selective_scan_fwd_mgpu(**x, delta_softplus=True, segment_ids=seg,
-                                               save=True, poly_exp=4, unroll=16)
+                                               ckpt_every=16, poly_exp=4, unroll=16)
     with cuda_target():
         text = jax.jit(f).trace(x, T((b, l), jnp.int32)).lower(
             lowering_platforms=("cuda",)).as_text()
@@ -78,8 +85,11 @@ def test_bad_options_raise():
         selective_scan_fwd_mgpu(*args, poly_exp=5, interpret=True)
     with pytest.raises(ValueError, match="unroll"):
         selective_scan_fwd_mgpu(*args, unroll=3, interpret=True)
+    with pytest.raises(ValueError, match="ckpt_every"):
+        selective_scan_fwd_mgpu(*args, block_l=16, ckpt_every=32, interpret=True)
     from pallas_kernels.selective_scan.pallas_gpu import GpuConfig
-    for bad in (dict(mgpu_unroll=3), dict(mgpu_stages=0), dict(mgpu_poly_exp=-1)):
+    for bad in (dict(mgpu_unroll=3), dict(mgpu_stages=0), dict(mgpu_poly_exp=-1),
+                dict(mgpu_block_l=8), dict(mgpu_block_l=24)):
         with pytest.raises(ValueError, match="mgpu_"):
             GpuConfig(forward="mgpu", **bad)
 
@@ -97,9 +107,11 @@ def test_bf16_inputs():
     assert rel_l2(y.astype(jnp.float32), y0) < 1e-2 and rel_l2(s, s0) < 1e-5
 
 
-def test_gpu_backend_with_mgpu_forward_values_and_grads():
-    """GpuConfig(forward="mgpu"): the Mosaic GPU forward's checkpoints feed the Triton backward
-    (both in their interpreters); values and every gradient against the reference."""
+@pytest.mark.parametrize("block_l", [16, 32])
+def test_gpu_backend_with_mgpu_forward_values_and_grads(block_l):
+    """GpuConfig(forward="mgpu"): the Mosaic GPU forward's checkpoints (every chunk = 16
+    steps, one or two per tile) feed the Triton backward (both in their interpreters); values
+    and every gradient against the reference."""
     from pallas_kernels.selective_scan.pallas_gpu import GpuConfig, selective_scan_pallas_gpu
     b, l, d, n = 1, 37, 128, 16
     x = make_inputs(6, b=b, l=l, d=d, n=n)
@@ -114,7 +126,7 @@ def test_gpu_backend_with_mgpu_forward_values_and_grads():
 
     y, s, g = run(lambda **k: selective_scan_pallas_gpu(
         **k, interpret=True, config=GpuConfig(forward="mgpu", mgpu_stages=3, mgpu_poly_exp=4,
-                                              mgpu_unroll=4)))
+                                              mgpu_unroll=4, mgpu_block_l=block_l)))
     y0, s0, g0 = run(selective_scan_reference)
     assert rel_l2(y, y0) < 1e-5 and rel_l2(s, s0) < 1e-5
     for k in x:
@@ -139,3 +151,20 @@ def test_gpu_backend_with_mgpu_forward_lowers_for_cuda():
         text = jax.jit(f).trace(x, T((b, l, d), jnp.bfloat16)).lower(
             lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text and text.count("__gpu$xla.gpu.triton") == 1
+
+
+def test_auto_forward_picks_mosaic_gpu_on_hopper_only(monkeypatch):
+    """forward="auto": Mosaic GPU on compute capability >= 9.0 when channels per group are a
+    multiple of 128; Triton on older GPUs, for other widths, and in interpret mode."""
+    from pallas_kernels.selective_scan import pallas_gpu
+    cfg = pallas_gpu.GpuConfig(forward="auto")
+    for cc, d_per_group, interpret, want in [((9, 0), 256, False, "mgpu"),
+                                             ((10, 0), 128, False, "mgpu"),
+                                             ((9, 0), 192, False, "triton"),
+                                             ((9, 0), 256, True, "triton"),
+                                             ((8, 0), 256, False, "triton"),
+                                             (None, 256, False, "triton")]:
+        monkeypatch.setattr(pallas_gpu, "compute_capability", lambda: cc)
+        assert pallas_gpu.resolve_forward(cfg, d_per_group, interpret).forward == want, cc
+    explicit = pallas_gpu.GpuConfig(forward="triton")
+    assert pallas_gpu.resolve_forward(explicit, 256, False) is explicit

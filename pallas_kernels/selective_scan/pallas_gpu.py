@@ -69,8 +69,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.gpu_splits import chain_splits, effective_splits, num_sms
+from pallas_kernels.gpu_splits import chain_splits, compute_capability, effective_splits, num_sms
 
+from .pallas_mgpu import LANES as MGPU_LANES
 from .pallas_mgpu import forward_arrays as mgpu_forward
 from .pallas_common import (
     ScanOptions,
@@ -101,11 +102,14 @@ class GpuConfig:
     seq_splits / bwd_seq_splits: programs along the sequence in the forward / the backward
       (any positive int; the kernels use the largest divisor of l // chunk not above it).
       None picks them with ``default_seq_splits``.
-    forward: "triton" (the kernels below) or "mgpu": the Mosaic GPU forward of ``pallas_mgpu``
-      (one program per 128 channels, no sequence splits; its checkpoints every ``chunk``
-      steps feed the same backward).  Prototype.
-    mgpu_stages / mgpu_poly_exp / mgpu_unroll: that forward's input tiles in flight, states
-      whose decay exponential runs on the multiply-add units, steps unrolled per tile loop.
+    forward: "triton" (the kernels below), "mgpu" (the Mosaic GPU forward of ``pallas_mgpu``:
+      one warpgroup per 128 channels, no sequence splits; its checkpoints every ``chunk``
+      steps feed the same backward) or "auto": "mgpu" on a Hopper or newer GPU when the
+      channels per group are a multiple of 128, else "triton" (always in interpret mode).
+    mgpu_block_l / mgpu_stages / mgpu_poly_exp / mgpu_unroll: that forward's steps per tile
+      (a multiple of chunk), input tiles in flight, states whose decay exponential runs on the
+      multiply-add units, steps unrolled per loop (divides chunk).  None: 2 * chunk and
+      chunk.
     """
     fwd_d_block: int = 16
     fwd_num_warps: int = 1
@@ -119,13 +123,15 @@ class GpuConfig:
     seq_splits: int | None = None
     bwd_seq_splits: int | None = None
     forward: str = "triton"
+    mgpu_block_l: int | None = None
     mgpu_stages: int = 2
-    mgpu_poly_exp: int = 0
-    mgpu_unroll: int = 1
+    mgpu_poly_exp: int = 1
+    mgpu_unroll: int | None = None
 
     def __post_init__(self):
-        if self.forward not in ("triton", "mgpu"):
-            raise ValueError(f"GpuConfig.forward must be 'triton' or 'mgpu', found {self.forward!r}")
+        if self.forward not in ("auto", "triton", "mgpu"):
+            raise ValueError(f"GpuConfig.forward must be 'auto', 'triton' or 'mgpu', "
+                             f"found {self.forward!r}")
         for name in ("fwd_d_block", "fwd_num_warps", "unroll", "bwd_d_block", "bwd_num_warps",
                      "chunk", "sub_chunk"):
             v = getattr(self, name)
@@ -133,9 +139,14 @@ class GpuConfig:
                 raise ValueError(f"GpuConfig.{name} must be a power of two, found {v}")
         if self.chunk % self.sub_chunk:
             raise ValueError("GpuConfig.sub_chunk must divide chunk")
-        if self.mgpu_stages < 1 or self.mgpu_poly_exp < 0 or self.chunk % self.mgpu_unroll:
-            raise ValueError("GpuConfig needs mgpu_stages >= 1, mgpu_poly_exp >= 0 and "
-                             "mgpu_unroll dividing chunk")
+        if self.mgpu_block_l is None:      # frozen: set the derived defaults once
+            object.__setattr__(self, "mgpu_block_l", 2 * self.chunk)
+        if self.mgpu_unroll is None:
+            object.__setattr__(self, "mgpu_unroll", self.chunk)
+        if (self.mgpu_stages < 1 or self.mgpu_poly_exp < 0 or self.chunk % self.mgpu_unroll
+                or self.mgpu_block_l % self.chunk):
+            raise ValueError("GpuConfig needs mgpu_stages >= 1, mgpu_poly_exp >= 0, "
+                             "mgpu_unroll dividing chunk and mgpu_block_l a multiple of chunk")
         for name in ("seq_splits", "bwd_seq_splits"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -143,6 +154,15 @@ class GpuConfig:
 
 
 DEFAULT_CONFIG = GpuConfig()
+
+
+def resolve_forward(cfg: GpuConfig, d_per_group: int, interpret: bool) -> GpuConfig:
+    """The config with ``forward="auto"`` replaced by the kernel that runs (see GpuConfig)."""
+    if cfg.forward != "auto":
+        return cfg
+    cc = None if interpret else compute_capability()
+    use_mgpu = cc is not None and cc >= (9, 0) and d_per_group % MGPU_LANES == 0
+    return dataclasses.replace(cfg, forward="mgpu" if use_mgpu else "triton")
 
 # --------------------------------------------------------------------------- sequence splits
 # A program walks the whole sequence, so the grid has only b * d / d_block one-warp programs
@@ -179,7 +199,7 @@ def _auto_splits(warps: int, chunks: int, max_warps: int) -> int:
 def default_seq_splits(b: int, l: int, d: int, g: int = 1, config: GpuConfig | None = None):
     """(forward, backward) sequence splits used for a call (the config's, or the heuristic
     above when None), after rounding to a divisor of l // chunk."""
-    cfg = config or DEFAULT_CONFIG
+    cfg = resolve_forward(config or DEFAULT_CONFIG, d // g, interpret=False)
     chunks = l // cfg.chunk
     max_warps = MAX_WARPS_PER_SM * num_sms()
     out = []
@@ -529,7 +549,8 @@ def _forward(st: _Static, arrays, save: bool):
     b, l, d, n, db, S = st.b, st.l, st.d, st.n, st.fwd_block, st.fwd_splits
     if st.cfg.forward == "mgpu":
         return mgpu_forward(u, delta, A2, B, C, D, z, bias, h0, keep, softplus=st.softplus,
-                            block_l=st.cfg.chunk, save=save, stages=st.cfg.mgpu_stages,
+                            block_l=st.cfg.mgpu_block_l, ckpt_every=st.cfg.chunk if save else None,
+                            stages=st.cfg.mgpu_stages,
                             poly_exp=st.cfg.mgpu_poly_exp, unroll=st.cfg.mgpu_unroll,
                             interpret=st.interpret)
     init = _entering_states(st, arrays) if S > 1 else (h0[:, None] if h0 is not None else None)
@@ -834,13 +855,15 @@ def selective_scan_pallas_gpu(
 ):
     """Selective scan on GPU (Pallas Triton); arguments and results as
     ``selective_scan_reference``.  ``interpret=True`` runs the kernels on any backend."""
-    cfg = config or DEFAULT_CONFIG
     b, l, d = u.shape
     n = A.shape[-1]
     Bg = B if B.ndim == 4 else B[:, :, None, :]
     Cg = C if C.ndim == 4 else C[:, :, None, :]
     g = Bg.shape[2]
+    cfg = resolve_forward(config or DEFAULT_CONFIG, d // g, interpret)
     n_pad = next_pow2(n)   # Triton tensors have power-of-two sizes; padded states stay 0
+    if cfg.forward == "mgpu":   # and a Mosaic GPU (chunk, n) float32 tile of B is >= 128 bytes
+        n_pad = max(n_pad, 32 // cfg.mgpu_block_l)
     pad_n = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n_pad - n)])
     # A log2(e): the kernels take exp(delta A) as exp2(delta * A2), one MUFU op per element
     # and no other multiply; autodiff of this scaling turns d/dA2 into dA.

@@ -12,8 +12,9 @@ Layout: ``plgpu.kernel`` over (b, d / 128); a program is one warpgroup (128 thre
 (128,) arrays, the pipeline's carry).  So the per-channel work (softplus, gate, D) is done once
 per channel and y's sum over the states is a chain of multiply-adds with no shuffles; B[t, i]
 and C[t, i] are scalar shared-memory reads (broadcast to every thread).  y tiles (and with
-``save`` the state entering every tile: (b, l / K, n, d), the Triton backward's checkpoints
-when K equals its chunk) go back through double-buffered shared memory and TMA stores.
+checkpoints, the state entering every E steps (E dividing K): (b, l / E, n, d), the Triton
+backward's when E is its chunk) go back through double-buffered shared memory and TMA
+stores.
 
 The arithmetic avoids the slow paths of the special-function unit (MUFU, 16 results per
 clock and SM, the bound of this loop: one 2^x per state and step): a segment reset is folded
@@ -46,8 +47,10 @@ except AttributeError:                                              # jax 0.10: 
 LANES = 128            # channels per program: one warpgroup, one channel per thread
 
 
-def _recurrence(cfg, A2, Dv, bias, s, u_ref, dt_ref, B_ref, C_ref, z_ref, keep_ref, y_ref, h):
-    """K steps of one tile from shared memory: h (n arrays of (128,)) -> h after the tile.
+def _recurrence(cfg, A2, Dv, bias, s, u_ref, dt_ref, B_ref, C_ref, z_ref, keep_ref, y_ref, h,
+                start, stop):
+    """Steps start .. stop - 1 of tile s from shared memory: h (n arrays of (128,)) -> h
+    after them.
 
     The decay of state i is 2^(delta A_i log2(e) + k_t), k_t = log2 of the keep factor (0, or
     -inf where a segment starts), so a reset costs no multiply.  The first ``poly_exp``
@@ -84,7 +87,7 @@ def _recurrence(cfg, A2, Dv, bias, s, u_ref, dt_ref, B_ref, C_ref, z_ref, keep_r
         y_ref[t, :] = y.astype(y_ref.dtype)
         return tuple(out)
 
-    return lax.fori_loop(0, K, step, h, unroll=cfg.unroll)
+    return lax.fori_loop(start, stop, step, h, unroll=cfg.unroll)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,14 +95,14 @@ class _Cfg(ScanOptions):
     l: int
     n: int
     K: int
-    save: bool
+    ckpt_every: int | None     # steps between saved states (divides K); None: none saved
     blocks_per_group: int
     stages: int
     poly_exp: int
     unroll: int
 
 
-def _kernel(cfg: _Cfg, *refs):
+def _selective_scan_fwd_kernel(cfg: _Cfg, *refs):
     """One program: batch row i, channels j*128 .. j*128+127, the whole sequence."""
     n, K = cfg.n, cfg.K
     it = iter(refs)
@@ -110,9 +113,9 @@ def _kernel(cfg: _Cfg, *refs):
     h0_g = next(it) if cfg.has_h0 else None
     keep_g = next(it) if cfg.has_keep else None
     y_g, final_g = next(it), next(it)
-    ck_g = next(it) if cfg.save else None
+    ck_g = next(it) if cfg.ckpt_every else None
     consts, state, y_buf = next(it), next(it), next(it)
-    ck_buf = next(it) if cfg.save else None
+    ck_buf = next(it) if cfg.ckpt_every else None
     barrier = next(it)
 
     i, j = lax.axis_index("b"), lax.axis_index("c")
@@ -161,16 +164,18 @@ def _kernel(cfg: _Cfg, *refs):
         keep_r = next(it) if cfg.has_keep else None
         slot = lax.rem(s, 2)
         plgpu.wait_smem_to_gmem(1, wait_read_only=True)    # slot's copy of step s - 2 is done
-        if cfg.save:
-            for k in range(n):
-                ck_buf[slot, k, :] = h[k]
-        h = _recurrence(cfg, A2, Dv, bias, s, u_r, dt_r, B_r, C_r, z_r, keep_r,
-                        y_buf.at[slot], h)
+        E = cfg.ckpt_every or K
+        for c in range(K // E):
+            if cfg.ckpt_every:
+                for k in range(n):
+                    ck_buf[slot, c, k, :] = h[k]
+            h = _recurrence(cfg, A2, Dv, bias, s, u_r, dt_r, B_r, C_r, z_r, keep_r,
+                            y_buf.at[slot], h, c * E, (c + 1) * E)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(y_buf.at[slot], y_g.at[i, pl.ds(s * K, K), cols],
-                                commit_group=not cfg.save)
-        if cfg.save:
-            plgpu.copy_smem_to_gmem(ck_buf.at[slot], ck_g.at[i, s, :, cols])
+                                commit_group=not cfg.ckpt_every)
+        if cfg.ckpt_every:
+            plgpu.copy_smem_to_gmem(ck_buf.at[slot], ck_g.at[i, pl.ds(s * (K // E), K // E), :, cols])
         return h
 
     steps = u_g.shape[1] // K
@@ -184,16 +189,17 @@ def _kernel(cfg: _Cfg, *refs):
 
 
 def forward_arrays(u, delta, A2, B, C, D, z, bias, h0, keep, *, softplus: bool, block_l: int,
-                   save: bool, stages: int = 2, poly_exp: int = 0, unroll: int = 1,
+                   ckpt_every: int | None, stages: int = 2, poly_exp: int = 0, unroll: int = 1,
                    interpret: bool = False):
     """The kernel on arrays already in the GPU backends' layout: A2 = A log2(e) as (n, d);
     B, C float32 (b, l, g, n); h0 float32 (b, n, d); keep float32 (b, l) (0 where a segment
-    starts) or None.  Returns y (b, l, d), the final state (b, n, d) and, with ``save``, the
-    state entering every ``block_l`` steps (b, ceil(l / block_l), n, d); else None.
+    starts) or None.  Returns y (b, l, d), the final state (b, n, d) and, with ``ckpt_every``
+    (dividing block_l), the state entering every ``ckpt_every`` steps
+    (b, ceil(l / ckpt_every), n, d); else None.
 
-    stages: tiles in flight in the input pipeline; poly_exp: states (of n) whose decay
-    exponential runs on the multiply-add units; unroll: steps unrolled in the tile loop
-    (divides block_l)."""
+    block_l: steps per pipelined tile; stages: tiles in flight in the input pipeline;
+    poly_exp: states (of n) whose decay exponential runs on the multiply-add units; unroll:
+    steps unrolled in the tile loop (divides ckpt_every, or block_l without it)."""
     b, l, d = u.shape
     n, g = A2.shape[0], B.shape[2]
     if (d // g) % LANES:
@@ -205,9 +211,11 @@ def forward_arrays(u, delta, A2, B, C, D, z, bias, h0, keep, *, softplus: bool, 
     steps = pl.cdiv(l, K)
     L = steps * K
     pad_l = lambda x: jnp.pad(x, [(0, 0), (0, L - l)] + [(0, 0)] * (x.ndim - 2))
-    if not 0 <= poly_exp <= n or block_l % unroll:
-        raise ValueError(f"need 0 <= poly_exp <= n and unroll dividing block_l: "
-                         f"poly_exp={poly_exp}, n={n}, unroll={unroll}, block_l={block_l}")
+    E = ckpt_every or K
+    if not 0 <= poly_exp <= n or K % E or E % unroll:
+        raise ValueError(f"need 0 <= poly_exp <= n, ckpt_every dividing block_l and unroll "
+                         f"dividing both: poly_exp={poly_exp}, n={n}, ckpt_every={ckpt_every}, "
+                         f"block_l={block_l}, unroll={unroll}")
     if keep is not None:   # as log2(keep); a copy moves a multiple of 128 bytes: (b, l, 32)
         log2_keep = jnp.where(keep > 0, 0.0, -jnp.inf).astype(f32)
         keep = jnp.broadcast_to(jnp.pad(log2_keep, [(0, 0), (0, L - l)])[:, :, None], (b, L, 32))
@@ -215,41 +223,46 @@ def forward_arrays(u, delta, A2, B, C, D, z, bias, h0, keep, *, softplus: bool, 
            None if z is None else pad_l(z), bias, h0, keep]
     cfg = _Cfg(l=l, n=n, K=K, softplus=bool(softplus), has_D=D is not None,
                has_z=z is not None, has_bias=bias is not None, has_h0=h0 is not None,
-               has_keep=keep is not None, save=bool(save), blocks_per_group=(d // g) // LANES,
+               has_keep=keep is not None, ckpt_every=ckpt_every, blocks_per_group=(d // g) // LANES,
                stages=stages, poly_exp=poly_exp, unroll=unroll)
     out_type = [jax.ShapeDtypeStruct((b, L, d), u.dtype), jax.ShapeDtypeStruct((b, n, d), f32)]
-    if save:
-        out_type.append(jax.ShapeDtypeStruct((b, steps, n, d), f32))
+    if ckpt_every:
+        out_type.append(jax.ShapeDtypeStruct((b, L // E, n, d), f32))
     consts_rows = n + cfg.has_D + cfg.has_bias
     outs = plgpu.kernel(
-        functools.partial(_kernel, cfg),
+        functools.partial(_selective_scan_fwd_kernel, cfg),
         out_type=out_type,
         scratch_types=[plgpu.SMEM((consts_rows, LANES), f32), plgpu.SMEM((n, LANES), f32),
                        plgpu.SMEM((2, K, LANES), u.dtype),
-                       *([plgpu.SMEM((2, n, LANES), f32)] if save else []),
+                       *([plgpu.SMEM((2, K // E, n, LANES), f32)] if ckpt_every else []),
                        plgpu.Barrier()],
         grid=(b, d // LANES),
         grid_names=("b", "c"),
         # Lane semantics (per-thread register layouts, as this kernel is written): the
         # default until JAX 0.10, Warpgroup from 0.11
-        compiler_params=plgpu.CompilerParams(approx_math=True,
+        # No automatic barriers: Pallas would put a warpgroup barrier before and after every
+        # shared-memory store (y and checkpoint rows, each step), which serialises the steps.
+        # Each thread only writes its own column; the cross-thread hand-overs (TMA in and
+        # out) are ordered by the barrier waits, wait_smem_to_gmem and commit_smem above.
+        compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True,
                                              lowering_semantics=plgpu.LoweringSemantics.Lane),
         interpret=InterpretGPUParams() if interpret else None,
     )(*(x for x in ins if x is not None))
-    return outs[0][:, :l], outs[1], (outs[2] if save else None)
+    return outs[0][:, :l], outs[1], (outs[2][:, :pl.cdiv(l, E)] if ckpt_every else None)
 
 
-@functools.partial(jax.jit, static_argnames=("delta_softplus", "block_l", "save", "interpret",
-                                             "max_concurrent_steps", "poly_exp", "unroll"))
+@functools.partial(jax.jit, static_argnames=("delta_softplus", "block_l", "ckpt_every",
+                                             "interpret", "max_concurrent_steps", "poly_exp",
+                                             "unroll"))
 def selective_scan_fwd_mgpu(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                             delta_softplus=False, initial_state=None, segment_ids=None,
-                            block_l=16, save=False, interpret=False, max_concurrent_steps=2,
+                            block_l=16, ckpt_every=None, interpret=False, max_concurrent_steps=2,
                             poly_exp=0, unroll=1):
     """The forward of ``selective_scan`` (channels last): u, delta, z (b, l, d); A (d, n);
     B, C (b, l, n) or (b, l, g, n); initial_state (b, d, n).  Returns y (b, l, d) in u's dtype
-    and the final state (b, d, n) float32, plus with ``save`` the state entering every
-    ``block_l`` steps, (b, ceil(l / block_l), n, d) float32.  ``interpret``: run on the CPU
-    in the Mosaic GPU interpreter.  max_concurrent_steps, poly_exp, unroll: as stages,
+    and the final state (b, d, n) float32, plus with ``ckpt_every`` the state entering every
+    ``ckpt_every`` steps, (b, ceil(l / ckpt_every), n, d) float32.  ``interpret``: run on the
+    CPU in the Mosaic GPU interpreter.  max_concurrent_steps, poly_exp, unroll: as stages,
     poly_exp, unroll of ``forward_arrays``."""
     b, l, d = u.shape
     if B.ndim == 3:
@@ -260,7 +273,7 @@ def selective_scan_fwd_mgpu(u, delta, A, B, C, *, D=None, z=None, delta_bias=Non
         None if delta_bias is None else delta_bias.astype(f32),
         None if initial_state is None else jnp.swapaxes(initial_state.astype(f32), 1, 2),
         keep_from_segments(segment_ids, b, l), softplus=delta_softplus, block_l=block_l,
-        save=save, stages=max_concurrent_steps, poly_exp=poly_exp, unroll=unroll,
+        ckpt_every=ckpt_every, stages=max_concurrent_steps, poly_exp=poly_exp, unroll=unroll,
         interpret=interpret)
     final = jnp.swapaxes(final, 1, 2)
-    return (y, final, ck) if save else (y, final)
+    return (y, final, ck) if ckpt_every else (y, final)
