@@ -20,8 +20,7 @@ du, d(delta), dB, dC, dz (A, D and the bias are negligible).
 Before timing, the kernels are checked on the GPU against the sequential reference in float32
 (values and all gradients, segments, initial state, l not a multiple of the chunk): the Triton
 forward, unsplit and with the sequence split across programs (forward 4, backward 3 splits),
-and ``forward="auto"`` at d = 256 (on Hopper: the Mosaic GPU forward with the Triton
-backward); with ``--mgpu`` also the Mosaic GPU forward alone; and at the benchmark shapes
+and the Mosaic GPU forward with the Triton backward (d = 256); with ``--mgpu`` also the Mosaic GPU forward alone; and at the benchmark shapes
 against ``impl="xla"`` when the baselines run.
 
 ``--sweep`` times GpuConfig variants after the main rows, each as SHAPE:SEQ_SPLITS:D_BLOCK
@@ -56,7 +55,6 @@ from pallas_kernels.selective_scan.pallas_mgpu import selective_scan_fwd_mgpu  #
 from pallas_kernels.selective_scan.pallas_gpu import (  # noqa: E402
     GpuConfig,
     default_seq_splits,
-    resolve_forward,
     selective_scan_pallas_gpu,
 )
 
@@ -207,8 +205,8 @@ def main():
     p.add_argument("--skip-baselines", action="store_true", help="time only the Pallas kernel")
     p.add_argument("--skip-check", action="store_true", help="skip the float32 reference checks")
     p.add_argument("--mgpu-check-only", action="store_true",
-                   help="of the float32 reference checks, run only forward='auto' at d = 256 "
-                        "(Mosaic GPU on Hopper) and the Mosaic GPU forward's")
+                   help="of the float32 reference checks, run only those of the Mosaic GPU "
+                        "forward (alone, and with the Triton backward)")
     p.add_argument("--sweep", default="",
                    help="GpuConfig variants timed after the main rows, comma-separated "
                         "SHAPE:SEQ_SPLITS:D_BLOCK[:UNROLL[:BWD_SEQ_SPLITS]]; with the fifth "
@@ -257,21 +255,20 @@ def main():
                 f.write("\n".join(LOG) + "\n")
 
     try:
-        checks = [  # (key, config, d): "auto" picks Mosaic GPU at d = 256 on Hopper
+        checks = [  # (key, config, d)
             ("float32_vs_reference", GpuConfig(forward="triton"), 64),
             ("float32_vs_reference_splits", GpuConfig(forward="triton", **SPLIT_CHECK), 64),
-            ("float32_vs_reference_auto", GpuConfig(forward="auto"), 256)]
+            ("float32_vs_reference_mgpu", GpuConfig(forward="mgpu"), 256)]
         for key, cfg, d in ([] if args.skip_check else checks):
-            if args.mgpu_check_only and cfg.forward != "auto":
+            if args.mgpu_check_only and cfg.forward != "mgpu":
                 continue
             t = time.time()
             errs = check_small(interpret, cfg, d)
             results["checks"][key] = errs
             worst = max(errs.values())
-            used = resolve_forward(cfg, d, interpret).forward
             splits = default_seq_splits(2, 203, d, 1, cfg)
             log(f"check float32 vs reference (b=2 l=203 d={d} n=16, segments, initial state, "
-                f"forward {used}, seq splits fwd/bwd {splits[0]}/{splits[1]}): worst rel err "
+                f"forward {cfg.forward}, seq splits fwd/bwd {splits[0]}/{splits[1]}): worst rel err "
                 f"{worst:.2e} {'OK' if worst < 1e-4 else 'FAIL'} ({time.time() - t:.0f}s)")
             log("  " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
 

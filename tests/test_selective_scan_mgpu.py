@@ -155,16 +155,20 @@ def test_gpu_backend_with_mgpu_forward_lowers_for_cuda():
 
 def test_auto_forward_picks_mosaic_gpu_on_hopper_only(monkeypatch):
     """forward="auto": Mosaic GPU on compute capability >= 9.0 when channels per group are a
-    multiple of 128; Triton on older GPUs, for other widths, and in interpret mode."""
+    multiple of 128 and the programs (b * d / 128) fill at least half the SMs; Triton on older
+    GPUs, for other widths, for few programs, and in interpret mode."""
     from pallas_kernels.selective_scan import pallas_gpu
     cfg = pallas_gpu.GpuConfig(forward="auto")
-    for cc, d_per_group, interpret, want in [((9, 0), 256, False, "mgpu"),
-                                             ((10, 0), 128, False, "mgpu"),
-                                             ((9, 0), 192, False, "triton"),
-                                             ((9, 0), 256, True, "triton"),
-                                             ((8, 0), 256, False, "triton"),
-                                             (None, 256, False, "triton")]:
+    monkeypatch.setattr(pallas_gpu, "num_sms", lambda: 132)
+    for cc, (b, d, g), interpret, want in [((9, 0), (2, 8192, 1), False, "mgpu"),
+                                           ((10, 0), (8, 1536, 1), False, "mgpu"),
+                                           ((9, 0), (8, 1536, 2), False, "mgpu"),
+                                           ((9, 0), (8, 1536, 8), False, "triton"),
+                                           ((9, 0), (1, 4096, 1), False, "triton"),
+                                           ((9, 0), (2, 8192, 1), True, "triton"),
+                                           ((8, 0), (2, 8192, 1), False, "triton"),
+                                           (None, (2, 8192, 1), False, "triton")]:
         monkeypatch.setattr(pallas_gpu, "compute_capability", lambda: cc)
-        assert pallas_gpu.resolve_forward(cfg, d_per_group, interpret).forward == want, cc
+        assert pallas_gpu.resolve_forward(cfg, b, d, g, interpret).forward == want, (cc, b, d, g)
     explicit = pallas_gpu.GpuConfig(forward="triton")
-    assert pallas_gpu.resolve_forward(explicit, 256, False) is explicit
+    assert pallas_gpu.resolve_forward(explicit, 2, 8192, 1, False) is explicit

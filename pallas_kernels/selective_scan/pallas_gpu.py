@@ -10,8 +10,10 @@ when no compiler params are given).  JAX 0.11 deprecates the Triton lowering; po
 two kernels to Mosaic GPU (``plgpu.kernel``) is the way forward when it is removed.  The
 measurements since then point the same way: the forward is bound by load latency that the
 Triton lowering gives no control over, and Mosaic GPU's TMA pipelines address exactly that.
-``pallas_mgpu`` holds a Mosaic GPU forward (``GpuConfig(forward="mgpu")``; prototype, checked
-in the interpreters, not yet measured on a GPU) whose checkpoints feed the backward below.
+``pallas_mgpu`` holds a Mosaic GPU forward, 2x faster on an H200 and the default there
+(``GpuConfig.forward``, ``resolve_forward``), whose checkpoints feed the backward below; the
+Triton forward remains for older GPUs, widths that are not multiples of 128 and single long
+sequences (which it splits across programs).
 
 Layout (channels last, like the public API):
 
@@ -105,11 +107,12 @@ class GpuConfig:
     forward: "triton" (the kernels below), "mgpu" (the Mosaic GPU forward of ``pallas_mgpu``:
       one warpgroup per 128 channels, no sequence splits; its checkpoints every ``chunk``
       steps feed the same backward) or "auto": "mgpu" on a Hopper or newer GPU when the
-      channels per group are a multiple of 128, else "triton" (always in interpret mode).
+      channels per group are a multiple of 128 and there are at least half as many programs
+      as SMs, else "triton" (always in interpret mode; see ``resolve_forward``).
     mgpu_block_l / mgpu_stages / mgpu_poly_exp / mgpu_unroll: that forward's steps per tile
       (a multiple of chunk), input tiles in flight, states whose decay exponential runs on the
-      multiply-add units, steps unrolled per loop (divides chunk).  None: 2 * chunk and
-      chunk.
+      multiply-add units, steps unrolled per loop (divides chunk).  None: 4 * chunk and
+      chunk (the fastest measured, BENCHMARKS.md).
     """
     fwd_d_block: int = 16
     fwd_num_warps: int = 1
@@ -122,10 +125,10 @@ class GpuConfig:
     sub_chunk: int = 4
     seq_splits: int | None = None
     bwd_seq_splits: int | None = None
-    forward: str = "triton"
+    forward: str = "auto"
     mgpu_block_l: int | None = None
     mgpu_stages: int = 2
-    mgpu_poly_exp: int = 1
+    mgpu_poly_exp: int = 0
     mgpu_unroll: int | None = None
 
     def __post_init__(self):
@@ -140,7 +143,7 @@ class GpuConfig:
         if self.chunk % self.sub_chunk:
             raise ValueError("GpuConfig.sub_chunk must divide chunk")
         if self.mgpu_block_l is None:      # frozen: set the derived defaults once
-            object.__setattr__(self, "mgpu_block_l", 2 * self.chunk)
+            object.__setattr__(self, "mgpu_block_l", 4 * self.chunk)
         if self.mgpu_unroll is None:
             object.__setattr__(self, "mgpu_unroll", self.chunk)
         if (self.mgpu_stages < 1 or self.mgpu_poly_exp < 0 or self.chunk % self.mgpu_unroll
@@ -156,12 +159,18 @@ class GpuConfig:
 DEFAULT_CONFIG = GpuConfig()
 
 
-def resolve_forward(cfg: GpuConfig, d_per_group: int, interpret: bool) -> GpuConfig:
-    """The config with ``forward="auto"`` replaced by the kernel that runs (see GpuConfig)."""
+def resolve_forward(cfg: GpuConfig, b: int, d: int, g: int, interpret: bool) -> GpuConfig:
+    """The config with ``forward="auto"`` replaced by the kernel that runs (see GpuConfig).
+
+    The Mosaic GPU forward has one program per 128 channels and no sequence splits, so with
+    fewer programs than half the SMs (one long sequence) the Triton forward, which splits the
+    sequence, is used (H200, b = 1, l = 16384, d = 4096: 2.0 ms with 4 splits against 2.7 ms,
+    measured before the Mosaic GPU forward's group stores; BENCHMARKS.md)."""
     if cfg.forward != "auto":
         return cfg
     cc = None if interpret else compute_capability()
-    use_mgpu = cc is not None and cc >= (9, 0) and d_per_group % MGPU_LANES == 0
+    use_mgpu = (cc is not None and cc >= (9, 0) and (d // g) % MGPU_LANES == 0
+                and 2 * b * (d // MGPU_LANES) >= num_sms())
     return dataclasses.replace(cfg, forward="mgpu" if use_mgpu else "triton")
 
 # --------------------------------------------------------------------------- sequence splits
@@ -199,7 +208,7 @@ def _auto_splits(warps: int, chunks: int, max_warps: int) -> int:
 def default_seq_splits(b: int, l: int, d: int, g: int = 1, config: GpuConfig | None = None):
     """(forward, backward) sequence splits used for a call (the config's, or the heuristic
     above when None), after rounding to a divisor of l // chunk."""
-    cfg = resolve_forward(config or DEFAULT_CONFIG, d // g, interpret=False)
+    cfg = resolve_forward(config or DEFAULT_CONFIG, b, d, g, interpret=False)
     chunks = l // cfg.chunk
     max_warps = MAX_WARPS_PER_SM * num_sms()
     out = []
@@ -860,7 +869,7 @@ def selective_scan_pallas_gpu(
     Bg = B if B.ndim == 4 else B[:, :, None, :]
     Cg = C if C.ndim == 4 else C[:, :, None, :]
     g = Bg.shape[2]
-    cfg = resolve_forward(config or DEFAULT_CONFIG, d // g, interpret)
+    cfg = resolve_forward(config or DEFAULT_CONFIG, b, d, g, interpret)
     n_pad = next_pow2(n)   # Triton tensors have power-of-two sizes; padded states stay 0
     if cfg.forward == "mgpu":   # and a Mosaic GPU (chunk, n) float32 tile of B is >= 128 bytes
         n_pad = max(n_pad, 32 // cfg.mgpu_block_l)
