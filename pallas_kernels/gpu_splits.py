@@ -22,13 +22,15 @@ def num_sms() -> int:
 
 
 def compute_capability() -> tuple[int, int] | None:
-    """(major, minor) of the first GPU (9.0 on Hopper), or None without one."""
+    """(major, minor) of the first NVIDIA GPU (9.0 on Hopper), or None without one (ROCm
+    devices report names such as "gfx942" instead)."""
     try:
         dev = jax.local_devices(backend="gpu")[0]
-    except RuntimeError:
+        if dev.platform != "cuda":
+            return None
+        return tuple(int(v) for v in str(dev.compute_capability).split(".")[:2])
+    except (RuntimeError, AttributeError, ValueError):
         return None
-    cc = getattr(dev, "compute_capability", None)
-    return tuple(int(v) for v in str(cc).split(".")[:2]) if cc else None
 
 
 def effective_splits(requested: int, chunks: int) -> int:

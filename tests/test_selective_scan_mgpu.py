@@ -133,22 +133,24 @@ def test_gpu_backend_with_mgpu_forward_values_and_grads(block_l):
         assert rel_l2(g[k], g0[k]) < 1e-5, k
 
 
-def test_gpu_backend_with_mgpu_forward_lowers_for_cuda():
-    """Forward (Mosaic GPU) and backward (Triton) of one differentiated call, lowered for CUDA."""
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_gpu_backend_with_mgpu_forward_lowers_for_cuda(dtype):
+    """Forward (Mosaic GPU) and backward (Triton) of one differentiated call with segments,
+    lowered for CUDA (Mosaic GPU checks the shared memory it needs while lowering)."""
     from pallas_kernels.selective_scan.pallas_gpu import GpuConfig, selective_scan_pallas_gpu
     b, l, d, n = 2, 203, 256, 16
     T, f32 = jax.ShapeDtypeStruct, jnp.float32
-    x = dict(u=T((b, l, d), jnp.bfloat16), delta=T((b, l, d), jnp.bfloat16), A=T((d, n), f32),
+    x = dict(u=T((b, l, d), dtype), delta=T((b, l, d), dtype), A=T((d, n), f32),
              B=T((b, l, n), f32), C=T((b, l, n), f32), D=T((d,), f32),
-             z=T((b, l, d), jnp.bfloat16), delta_bias=T((d,), f32))
+             z=T((b, l, d), dtype), delta_bias=T((d,), f32))
 
-    def f(x, dy):
+    def f(x, dy, seg):
         (y, s), vjp = jax.vjp(lambda a: selective_scan_pallas_gpu(
-            **a, delta_softplus=True, config=GpuConfig(forward="mgpu")), x)
+            **a, delta_softplus=True, segment_ids=seg, config=GpuConfig(forward="mgpu")), x)
         return vjp((dy, s))[0]
 
     with cuda_target():
-        text = jax.jit(f).trace(x, T((b, l, d), jnp.bfloat16)).lower(
+        text = jax.jit(f).trace(x, T((b, l, d), dtype), T((b, l), jnp.int32)).lower(
             lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text and text.count("__gpu$xla.gpu.triton") == 1
 
@@ -172,3 +174,35 @@ def test_auto_forward_picks_mosaic_gpu_on_hopper_only(monkeypatch):
         assert pallas_gpu.resolve_forward(cfg, b, d, g, interpret).forward == want, (cc, b, d, g)
     explicit = pallas_gpu.GpuConfig(forward="triton")
     assert pallas_gpu.resolve_forward(explicit, 2, 8192, 1, False) is explicit
+
+
+def test_shared_memory_fits_or_falls_back(monkeypatch):
+    """The Mosaic GPU tile shrinks by chunks to fit shared memory (float32 inputs, segments,
+    checkpoints) and to the sequence; "auto" falls back to Triton when not even one chunk
+    fits, an explicit "mgpu" says so, and forward_arrays refuses a tile that does not fit."""
+    from pallas_kernels.selective_scan import pallas_gpu
+    from pallas_kernels.selective_scan.pallas_mgpu import SMEM_BYTES, smem_bytes
+    cfg = pallas_gpu.GpuConfig(forward="mgpu")
+    kw = dict(has_keep=True, consts_rows=2)
+    assert pallas_gpu.mgpu_tile(cfg, 4096, 16, [2, 2, 2], 2, has_keep=False, consts_rows=2) == (64, 16)
+    K, n_pad = pallas_gpu.mgpu_tile(cfg, 4096, 16, [4, 4, 4], 4, **kw)
+    assert K < 64 and K % 16 == 0 and n_pad == 16
+    assert smem_bytes(K, 16, [4, 4, 4], 4, has_keep=True, consts_rows=18, ckpt_every=16,
+                      stages=2) <= SMEM_BYTES
+    assert smem_bytes(K + 16, 16, [4, 4, 4], 4, has_keep=True, consts_rows=18, ckpt_every=16,
+                      stages=2) > SMEM_BYTES
+    assert pallas_gpu.mgpu_tile(cfg, 20, 16, [2, 2, 2], 2, **kw) == (32, 16)   # l rounded up
+    assert pallas_gpu.mgpu_tile(cfg, 4096, 512, [4, 4, 4], 4, **kw) is None
+
+    # too wide a state for one chunk: explicit "mgpu" raises, "auto" runs Triton
+    monkeypatch.setattr(pallas_gpu, "compute_capability", lambda: (9, 0))
+    monkeypatch.setattr(pallas_gpu, "num_sms", lambda: 2)
+    x = make_inputs(8, b=1, l=16, d=128, n=512)
+    args = (x["u"], x["delta"], x["A"], x["B"], x["C"])
+    with pytest.raises(ValueError, match="shared memory"):
+        pallas_gpu.selective_scan_pallas_gpu(*args, config=cfg)
+    auto = jax.eval_shape(lambda *a: pallas_gpu.selective_scan_pallas_gpu(*a), *args)
+    assert auto[0].shape == x["u"].shape
+    from pallas_kernels.selective_scan.pallas_mgpu import selective_scan_fwd_mgpu
+    with pytest.raises(ValueError, match="shared memory"):
+        selective_scan_fwd_mgpu(*args, block_l=16, interpret=True)

@@ -74,6 +74,8 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.gpu_splits import chain_splits, compute_capability, effective_splits, num_sms
 
 from .pallas_mgpu import LANES as MGPU_LANES
+from .pallas_mgpu import SMEM_BYTES as MGPU_SMEM_BYTES
+from .pallas_mgpu import smem_bytes as mgpu_smem_bytes
 from .pallas_mgpu import forward_arrays as mgpu_forward
 from .pallas_common import (
     ScanOptions,
@@ -112,7 +114,8 @@ class GpuConfig:
     mgpu_block_l / mgpu_stages / mgpu_poly_exp / mgpu_unroll: that forward's steps per tile
       (a multiple of chunk), input tiles in flight, states whose decay exponential runs on the
       multiply-add units, steps unrolled per loop (divides chunk).  None: 4 * chunk and
-      chunk (the fastest measured, BENCHMARKS.md).
+      chunk (the fastest measured, BENCHMARKS.md).  A call shortens the tile by whole chunks
+      to what the sequence needs and to what fits in shared memory (``mgpu_tile``).
     """
     fwd_d_block: int = 16
     fwd_num_warps: int = 1
@@ -142,12 +145,9 @@ class GpuConfig:
                 raise ValueError(f"GpuConfig.{name} must be a power of two, found {v}")
         if self.chunk % self.sub_chunk:
             raise ValueError("GpuConfig.sub_chunk must divide chunk")
-        if self.mgpu_block_l is None:      # frozen: set the derived defaults once
-            object.__setattr__(self, "mgpu_block_l", 4 * self.chunk)
-        if self.mgpu_unroll is None:
-            object.__setattr__(self, "mgpu_unroll", self.chunk)
-        if (self.mgpu_stages < 1 or self.mgpu_poly_exp < 0 or self.chunk % self.mgpu_unroll
-                or self.mgpu_block_l % self.chunk):
+        block_l, unroll = self.mgpu_block_l or 4 * self.chunk, self.mgpu_unroll or self.chunk
+        if (self.mgpu_stages < 1 or self.mgpu_poly_exp < 0 or self.chunk % unroll
+                or block_l % self.chunk):
             raise ValueError("GpuConfig needs mgpu_stages >= 1, mgpu_poly_exp >= 0, "
                              "mgpu_unroll dividing chunk and mgpu_block_l a multiple of chunk")
         for name in ("seq_splits", "bwd_seq_splits"):
@@ -169,9 +169,25 @@ def resolve_forward(cfg: GpuConfig, b: int, d: int, g: int, interpret: bool) -> 
     if cfg.forward != "auto":
         return cfg
     cc = None if interpret else compute_capability()
-    use_mgpu = (cc is not None and cc >= (9, 0) and (d // g) % MGPU_LANES == 0
+    use_mgpu = (cc is not None and cc[0] in (9, 10) and (d // g) % MGPU_LANES == 0
                 and 2 * b * (d // MGPU_LANES) >= num_sms())
     return dataclasses.replace(cfg, forward="mgpu" if use_mgpu else "triton")
+
+
+def mgpu_tile(cfg: GpuConfig, l: int, n: int, tile_itemsizes, y_itemsize: int, *,
+              has_keep: bool, consts_rows: int) -> tuple[int, int] | None:
+    """(steps per tile, padded states) of the Mosaic GPU forward for one call: the longest
+    tile of whole chunks, up to ``mgpu_block_l`` and to l rounded up to a chunk, whose shared
+    memory (with checkpoints) fits; None when not even one chunk fits."""
+    top = min(cfg.mgpu_block_l or 4 * cfg.chunk, pl.cdiv(l, cfg.chunk) * cfg.chunk)
+    for K in range(top, 0, -cfg.chunk):
+        n_pad = max(next_pow2(n), 32 // K)   # a (K, n) float32 tile of B is >= 128 bytes (TMA)
+        need = mgpu_smem_bytes(K, n_pad, tile_itemsizes, y_itemsize, has_keep=has_keep,
+                               consts_rows=consts_rows + n_pad, ckpt_every=cfg.chunk,
+                               stages=cfg.mgpu_stages)
+        if need <= MGPU_SMEM_BYTES:
+            return K, n_pad
+    return None
 
 # --------------------------------------------------------------------------- sequence splits
 # A program walks the whole sequence, so the grid has only b * d / d_block one-warp programs
@@ -871,8 +887,18 @@ def selective_scan_pallas_gpu(
     g = Bg.shape[2]
     cfg = resolve_forward(config or DEFAULT_CONFIG, b, d, g, interpret)
     n_pad = next_pow2(n)   # Triton tensors have power-of-two sizes; padded states stay 0
-    if cfg.forward == "mgpu":   # and a Mosaic GPU (chunk, n) float32 tile of B is >= 128 bytes
-        n_pad = max(n_pad, 32 // cfg.mgpu_block_l)
+    if cfg.forward == "mgpu":
+        fit = mgpu_tile(cfg, l, n, [x.dtype.itemsize for x in (u, delta, z) if x is not None],
+                        u.dtype.itemsize, has_keep=segment_ids is not None,
+                        consts_rows=(D is not None) + (delta_bias is not None))
+        if fit is None and (config or DEFAULT_CONFIG).forward == "mgpu":
+            raise ValueError("selective_scan: the Mosaic GPU forward does not fit in shared "
+                             "memory for these dtypes / n; use GpuConfig(forward='triton')")
+        if fit is None:
+            cfg = dataclasses.replace(cfg, forward="triton")
+        else:
+            K, n_pad = fit
+            cfg = dataclasses.replace(cfg, mgpu_block_l=K, mgpu_unroll=cfg.mgpu_unroll or cfg.chunk)
     pad_n = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n_pad - n)])
     # A log2(e): the kernels take exp(delta A) as exp2(delta * A2), one MUFU op per element
     # and no other multiply; autodiff of this scaling turns d/dA2 into dA.

@@ -51,6 +51,20 @@ except AttributeError:                                              # jax 0.10: 
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
 LANES = 128            # channels per program: one warpgroup, one channel per thread
+SMEM_BYTES = 232448    # shared memory one block may use on sm_90 / sm_100 (227 KiB)
+_SMEM_SLACK = 1024     # barriers and alignment
+
+
+def smem_bytes(block_l: int, n: int, tile_itemsizes, y_itemsize: int, *, has_keep: bool,
+               consts_rows: int, ckpt_every: int | None, stages: int) -> int:
+    """Shared memory of one program: ``stages`` sets of input tiles ((block_l, 128) for each
+    itemsize in tile_itemsizes: u, delta and z; (block_l, n) float32 B and C; the segment
+    column), the constants and state rows, and double-buffered y and checkpoint tiles."""
+    K = block_l
+    per_stage = sum(K * LANES * i for i in tile_itemsizes) + 2 * K * n * 4 + has_keep * K * 32 * 4
+    ck = 2 * (K // ckpt_every) * n * LANES * 4 if ckpt_every else 0
+    return (stages * per_stage + (consts_rows + n) * LANES * 4 + 2 * K * LANES * y_itemsize + ck
+            + _SMEM_SLACK)
 
 
 def _recurrence(cfg, A2, Dv, bias, s, u_ref, dt_ref, B_ref, C_ref, z_ref, keep_ref, y_ref, h,
@@ -257,6 +271,12 @@ def forward_arrays(u, delta, A2, B, C, D, z, bias, h0, keep, *, softplus: bool, 
     if ckpt_every:
         out_type.append(jax.ShapeDtypeStruct((b, L // E, n, d), f32))
     consts_rows = n + cfg.has_D + cfg.has_bias
+    smem = smem_bytes(K, n, [x.dtype.itemsize for x in (u, delta, z) if x is not None],
+                      u.dtype.itemsize, has_keep=keep is not None, consts_rows=consts_rows,
+                      ckpt_every=ckpt_every, stages=stages)
+    if smem > SMEM_BYTES:
+        raise ValueError(f"the Mosaic GPU forward needs {smem} bytes of shared memory, more than "
+                         f"{SMEM_BYTES}: use a shorter block_l (now {K}) or fewer stages")
     outs = plgpu.kernel(
         functools.partial(_selective_scan_fwd_kernel, cfg),
         out_type=out_type,
@@ -272,6 +292,8 @@ def forward_arrays(u, delta, A2, B, C, D, z, bias, h0, keep, *, softplus: bool, 
         # shared-memory store (y and checkpoint rows, each step), which serialises the steps.
         # Each thread only writes its own column; the cross-thread hand-overs (TMA in and
         # out) are ordered by the barrier waits, wait_smem_to_gmem and commit_smem above.
+        # The body's commit_smem also ends every read of its input slot before the pipeline
+        # refills that slot by TMA (no automatic barrier precedes the refill).
         compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True,
                                              lowering_semantics=plgpu.LoweringSemantics.Lane),
         interpret=InterpretGPUParams() if interpret else None,
