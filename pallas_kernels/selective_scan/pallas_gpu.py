@@ -145,15 +145,24 @@ class GpuConfig:
                 raise ValueError(f"GpuConfig.{name} must be a power of two, found {v}")
         if self.chunk % self.sub_chunk:
             raise ValueError("GpuConfig.sub_chunk must divide chunk")
-        block_l, unroll = self.mgpu_block_l or 4 * self.chunk, self.mgpu_unroll or self.chunk
-        if (self.mgpu_stages < 1 or self.mgpu_poly_exp < 0 or self.chunk % unroll
-                or block_l % self.chunk):
+        if (self.mgpu_stages < 1 or self.mgpu_poly_exp < 0 or self.chunk % self.mgpu_unroll_steps
+                or self.mgpu_block_steps % self.chunk):
             raise ValueError("GpuConfig needs mgpu_stages >= 1, mgpu_poly_exp >= 0, "
                              "mgpu_unroll dividing chunk and mgpu_block_l a multiple of chunk")
         for name in ("seq_splits", "bwd_seq_splits"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"GpuConfig.{name} must be None or >= 1, found {v}")
+
+    @property
+    def mgpu_block_steps(self) -> int:
+        """mgpu_block_l, or its default of 4 * chunk."""
+        return self.mgpu_block_l or 4 * self.chunk
+
+    @property
+    def mgpu_unroll_steps(self) -> int:
+        """mgpu_unroll, or its default of chunk."""
+        return self.mgpu_unroll or self.chunk
 
 
 DEFAULT_CONFIG = GpuConfig()
@@ -179,7 +188,7 @@ def mgpu_tile(cfg: GpuConfig, l: int, n: int, tile_itemsizes, y_itemsize: int, *
     """(steps per tile, padded states) of the Mosaic GPU forward for one call: the longest
     tile of whole chunks, up to ``mgpu_block_l`` and to l rounded up to a chunk, whose shared
     memory (with checkpoints) fits; None when not even one chunk fits."""
-    top = min(cfg.mgpu_block_l or 4 * cfg.chunk, pl.cdiv(l, cfg.chunk) * cfg.chunk)
+    top = min(cfg.mgpu_block_steps, pl.cdiv(l, cfg.chunk) * cfg.chunk)
     for K in range(top, 0, -cfg.chunk):
         n_pad = max(next_pow2(n), 32 // K)   # a (K, n) float32 tile of B is >= 128 bytes (TMA)
         need = mgpu_smem_bytes(K, n_pad, tile_itemsizes, y_itemsize, has_keep=has_keep,
@@ -574,9 +583,9 @@ def _forward(st: _Static, arrays, save: bool):
     b, l, d, n, db, S = st.b, st.l, st.d, st.n, st.fwd_block, st.fwd_splits
     if st.cfg.forward == "mgpu":
         return mgpu_forward(u, delta, A2, B, C, D, z, bias, h0, keep, softplus=st.softplus,
-                            block_l=st.cfg.mgpu_block_l, ckpt_every=st.cfg.chunk if save else None,
+                            block_l=st.cfg.mgpu_block_steps, ckpt_every=st.cfg.chunk if save else None,
                             stages=st.cfg.mgpu_stages,
-                            poly_exp=st.cfg.mgpu_poly_exp, unroll=st.cfg.mgpu_unroll,
+                            poly_exp=st.cfg.mgpu_poly_exp, unroll=st.cfg.mgpu_unroll_steps,
                             interpret=st.interpret)
     init = _entering_states(st, arrays) if S > 1 else (h0[:, None] if h0 is not None else None)
     s = _specs(st, db, S)
@@ -898,7 +907,7 @@ def selective_scan_pallas_gpu(
             cfg = dataclasses.replace(cfg, forward="triton")
         else:
             K, n_pad = fit
-            cfg = dataclasses.replace(cfg, mgpu_block_l=K, mgpu_unroll=cfg.mgpu_unroll or cfg.chunk)
+            cfg = dataclasses.replace(cfg, mgpu_block_l=K)
     pad_n = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n_pad - n)])
     # A log2(e): the kernels take exp(delta A) as exp2(delta * A2), one MUFU op per element
     # and no other multiply; autodiff of this scaling turns d/dA2 into dA.
