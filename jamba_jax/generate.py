@@ -37,6 +37,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import math
+import numbers
 import os
 import sys
 import time
@@ -82,6 +84,10 @@ def prefill(model, input_ids: jax.Array, prompt_lengths: jax.Array | None = None
     state_dtype = check_state_dtype(state_dtype)
     b, l = input_ids.shape
     max_len = l if max_len is None else max_len
+    if max_len < l:
+        raise ValueError(f"max_len ({max_len}) must be at least the prompt length ({l})")
+    if not _is_traced(input_ids) and not _is_traced(prompt_lengths):   # under jit the caller checks
+        _check_prompts(np.asarray(input_ids), prompt_lengths, model.config.vocab_size)
     lengths = (jnp.full((b,), l, jnp.int32) if prompt_lengths is None
                else jnp.asarray(prompt_lengths, jnp.int32))
     h = model.embed_tokens(input_ids)
@@ -154,10 +160,15 @@ def decode_step(model, tokens: jax.Array, cache: Cache) -> tuple[jax.Array, Cach
 
     Returns the next-token ``logits (b, vocab)`` float32 and the cache with ``lengths + 1``, every
     array in its own dtype (a bfloat16 SSM state is updated in float32 and stored as bfloat16). A row
-    whose length has reached the KV capacity has its new key dropped: size the cache for prompt +
-    new tokens. A single step for tests and experiments: it takes the weights and the stacked cache
-    apart and puts the cache back together (copies); `generate` / `TokenStream` do that once.
+    whose length has reached the KV capacity would have its new key dropped: called outside
+    ``jit``, that raises ``ValueError`` (size the cache for prompt + new tokens: ``prefill``'s
+    ``max_len``). A single step for tests and experiments: it takes the weights and the stacked
+    cache apart and puts the cache back together (copies); `generate` / `TokenStream` do that once.
     """
+    capacity = cache.max_len
+    if capacity is not None and not _is_traced(cache.lengths) and int(np.max(cache.lengths)) >= capacity:
+        raise ValueError(f"the KV cache is full: a row holds {int(np.max(cache.lengths))} tokens of "
+                         f"{capacity}; build it with room for the tokens to decode (prefill's max_len)")
     logits, flat = _decode_layers(model, tokens, unstack_cache(cache, model.repeats), layer_weights(model))
     return logits, stack_cache(flat, len(model.blocks))
 
@@ -173,6 +184,8 @@ def sample(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0, top_k
     largest-probability tokens whose mass reaches ``top_p`` (the top token is always kept), and
     sampled with ``key``.
     """
+    if isinstance(temperature, numbers.Real) and not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
     logits = logits.astype(jnp.float32)
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -246,7 +259,7 @@ def _emit(state: DecodeState, logits: jax.Array, opts: GenerationOptions) -> Dec
 def _start(model, input_ids, lengths, rng, opts: GenerationOptions) -> DecodeState:
     b, l = input_ids.shape
     n = opts.max_new_tokens
-    logits, cache = prefill(model, input_ids, lengths, max_len=l + n - 1,  # the last token is not fed back
+    logits, cache = prefill(model, input_ids, lengths, max_len=l + max(n - 1, 0),  # the last token is not fed back
                             state_dtype=opts.state_dtype)
     cache = unstack_cache(cache, model.repeats)  # the token loop's form, kept between segments
     state = DecodeState(cache=cache, tokens=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool),
@@ -308,44 +321,67 @@ def _assemble_jit(input_ids, lengths, generated, opts):
     return _assemble(input_ids, lengths, generated, opts)
 
 
+def _is_traced(x) -> bool:
+    return any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(x))
+
+
+def _integer(name: str, value) -> int:
+    """``value`` as an int, or ``ValueError`` (not a silent truncation of 2.7, nor a list)."""
+    if isinstance(value, (numbers.Integral, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (np.ndarray, jax.Array)) and value.shape == () and np.issubdtype(value.dtype, np.integer):
+        return int(value)
+    raise ValueError(f"{name} must be a single integer, got {value!r}")
+
+
+def _check_prompts(ids: np.ndarray, prompt_lengths, vocab: int) -> np.ndarray:
+    """Checks a right-padded prompt batch; returns the lengths ``(b,)`` int32."""
+    if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be (batch, length) with batch, length >= 1, got shape {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be integers, got dtype {ids.dtype}")
+    b, l = ids.shape
+    if prompt_lengths is None:
+        lengths = np.full((b,), l, np.int32)
+    else:
+        given = np.asarray(prompt_lengths)
+        if (given.shape != (b,) or not np.issubdtype(given.dtype, np.integer)
+                or given.min() < 1 or given.max() > l):
+            raise ValueError(f"prompt_lengths must be ({b},) integers in [1, {l}], got {prompt_lengths!r}")
+        lengths = given.astype(np.int32)
+    real = np.arange(l)[None, :] < lengths[:, None]
+    if ids[real].min() < 0 or ids[real].max() >= vocab:
+        raise ValueError(f"token ids must lie in [0, {vocab}); got min {ids[real].min()}, max {ids[real].max()}")
+    return lengths
+
+
 def _prepare(model, input_ids, *, max_new_tokens, temperature, top_k, top_p, eos_token_id, rng,
              prompt_lengths, pad_token_id, state_dtype=jnp.float32):
     """Host-side checks; returns (ids, lengths, rng, opts)."""
     ids = np.asarray(input_ids)
-    if ids.ndim != 2 or ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be (batch, length) with length >= 1, got shape {ids.shape}")
-    if not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"input_ids must be integers, got dtype {ids.dtype}")
-    b, l = ids.shape
     vocab = model.config.vocab_size
-    if prompt_lengths is None:
-        lengths = np.full((b,), l, np.int32)
-    else:
-        lengths = np.asarray(prompt_lengths, np.int32)
-        if lengths.shape != (b,) or lengths.min() < 1 or lengths.max() > l:
-            raise ValueError(f"prompt_lengths must be ({b},) with values in [1, {l}], got {prompt_lengths!r}")
-    real = np.arange(l)[None, :] < lengths[:, None]
-    if ids[real].min() < 0 or ids[real].max() >= vocab:
-        raise ValueError(f"token ids must lie in [0, {vocab}); got min {ids[real].min()}, max {ids[real].max()}")
+    lengths = _check_prompts(ids, prompt_lengths, vocab)
+    real = np.arange(ids.shape[1])[None, :] < lengths[:, None]
     ids = np.where(real, ids, 0).astype(np.int32)  # padding values never matter; keep them in range
-    if int(max_new_tokens) < 0:
+    max_new_tokens = _integer("max_new_tokens", max_new_tokens)
+    if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature is None or float(temperature) < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and not 1 <= int(top_k):
+    if not isinstance(temperature, numbers.Real) or not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+    if top_k is not None and _integer("top_k", top_k) < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0.0 < float(top_p) <= 1.0:
+    if top_p is not None and not (isinstance(top_p, numbers.Real) and 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     for name, tid in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
-        if tid is not None and not 0 <= int(tid) < vocab:
+        if tid is not None and not 0 <= _integer(name, tid) < vocab:
             raise ValueError(f"{name} must lie in [0, {vocab}), got {tid}")
     state_dtype = check_state_dtype(state_dtype).name
     if rng is None:
         rng = jax.random.key(0)
-    elif isinstance(rng, int):
-        rng = jax.random.key(rng)
+    elif isinstance(rng, (numbers.Integral, np.integer)):
+        rng = jax.random.key(int(rng))
     opts = GenerationOptions(
-        max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+        max_new_tokens=max_new_tokens, temperature=float(temperature),
         top_k=None if top_k is None or int(top_k) >= vocab else int(top_k),
         top_p=None if top_p is None or float(top_p) >= 1.0 else float(top_p),
         eos_token_id=None if eos_token_id is None else int(eos_token_id),

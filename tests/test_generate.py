@@ -371,6 +371,44 @@ def test_bad_state_dtype_raises(small, bad):
             main(["--model", ".", "--prompt", "x", "--state-dtype", "float16"])
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(temperature=float("nan")), "temperature"), (dict(temperature=-1.0), "temperature"),
+    (dict(eos_token_id=[1, 2]), "eos_token_id must be a single integer"),
+    (dict(prompt_lengths=[2.7, 5]), "prompt_lengths"), (dict(max_new_tokens=2.5), "max_new_tokens"),
+    (dict(top_k=1.5), "top_k"), (dict(top_p=float("nan")), "top_p")])
+def test_bad_generate_arguments_raise(small, kwargs, match):
+    kwargs = {"max_new_tokens": 3, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        jamba_jax.generate(small, _small_ids(4), **kwargs)
+
+
+def test_empty_batch_raises_and_numpy_seed_is_a_seed(small):
+    with pytest.raises(ValueError, match="batch, length >= 1"):
+        jamba_jax.generate(small, np.zeros((0, 5), np.int32), max_new_tokens=3)
+    a = jamba_jax.generate(small, _small_ids(4), rng=np.int64(3), **SAMPLED)
+    np.testing.assert_array_equal(a, jamba_jax.generate(small, _small_ids(4), rng=3, **SAMPLED))
+    with pytest.raises(ValueError, match="temperature"):
+        sample(jnp.zeros((1, 4)), jax.random.key(0), temperature=float("nan"))
+
+
+def test_prefill_checks_prompts_and_decode_step_a_full_cache():
+    model = own_model("hybrid")       # has attention: a KV capacity
+    vocab = model.config.vocab_size
+    ids = jnp.asarray(_ids(vocab, b=2, l=5, seed=2))
+    for lengths in ([0, 5], [6, 5], [-1, 5]):
+        with pytest.raises(ValueError, match="prompt_lengths"):
+            prefill(model, ids, jnp.asarray(lengths))
+    with pytest.raises(ValueError, match="token ids"):
+        prefill(model, ids.at[0, 1].set(vocab + 7))
+    with pytest.raises(ValueError, match="max_len"):
+        prefill(model, ids, max_len=4)
+    _, cache = prefill(model, ids)                   # capacity = the prompt: no room left
+    with pytest.raises(ValueError, match="KV cache is full"):
+        decode_step(model, ids[:, 0], cache)
+    _, cache = prefill(model, ids, max_len=6)
+    decode_step(model, ids[:, 0], cache)
+
+
 # --------------------------------------------------------- 6. the compiled decode loop's cache traffic
 
 @pytest.mark.parametrize("name", sorted(OWN_CONFIGS))
