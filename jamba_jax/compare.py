@@ -143,6 +143,7 @@ def mamba_ssm_reference(model_dir: str | os.PathLike):
     import torch
     import transformers
 
+    from jamba_jax.convert.families import MAMBA_SSM_MAMBA2_FIXED
     from jamba_jax.convert.io import read_config, read_tensors
 
     hf = read_config(model_dir)
@@ -173,8 +174,7 @@ def mamba_ssm_reference(model_dir: str | os.PathLike):
         config = transformers.MambaConfig(**common, intermediate_size=expand * d_model,
                                           time_step_rank=math.ceil(d_model / 16) if rank == "auto" else int(rank))
     elif layer == "Mamba2":
-        for name, default in (("d_ssm", None), ("norm_before_gate", False), ("D_has_hdim", False),
-                              ("rmsnorm", True)):
+        for name, default in MAMBA_SSM_MAMBA2_FIXED:
             if ssm.get(name, default) != default:
                 unsupported(f"ssm_cfg.{name}", ssm[name], f"only {default!r} is")
         if eps != 1e-5:
@@ -367,6 +367,10 @@ def compare(model_dir: str | os.PathLike, *, dtype: str = "float32", seq_len: in
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(TOLERANCES)}")
     if seq_len < 1 or batch < 1:
         raise ValueError(f"seq_len and batch must be positive, got {seq_len}, {batch}")
+    if torch_device not in ("cpu", "cuda"):
+        raise ValueError(f"torch_device={torch_device!r}: expected 'cpu' or 'cuda'")
+    if torch_device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("torch_device='cuda', but this torch sees no CUDA device (use 'cpu')")
     model_dir = Path(model_dir)
     ours_dir = Path(jax_model_dir) if jax_model_dir is not None else model_dir
     t0 = time.perf_counter()

@@ -48,6 +48,37 @@ def test_sharded_safetensors_round_trip(mamba2_torch, tmp_path):
     np.testing.assert_array_equal(model(ids), again(ids))
 
 
+def test_saving_over_a_sharded_checkpoint_replaces_it(mamba2_torch, tmp_path):
+    """No shard or index of the old checkpoint survives to be read instead of the new weights;
+    the config names the saved dtype for every transformers release and drops remote code."""
+    mamba2_torch.save_pretrained(tmp_path, max_shard_size="20KB")
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_mamba2.Mamba2Config"}   # code we do not ship
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    model = jamba_jax.from_pretrained(tmp_path)
+    model.final_norm.weight[...] = model.final_norm.weight[...] * 3.0
+    jamba_jax.save_pretrained(model, tmp_path, dtype=jnp.bfloat16)
+    weights = [p.name for p in tmp_path.iterdir() if p.suffix in (".safetensors", ".bin") or "index" in p.name]
+    assert weights == ["model.safetensors"]
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["dtype"] == saved["torch_dtype"] == "bfloat16" and "auto_map" not in saved
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 96, size=(1, 9)))
+    want = jamba_jax.from_pretrained(tmp_path)(ids)
+    assert rel_l2(want, model(ids)) < 1e-2                      # bf16 weights
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
+    assert reloaded.dtype == torch.bfloat16
+    assert rel_l2(torch_logits(reloaded.float(), np.asarray(ids)), want) < 1e-5
+
+
+def test_mamba_ssm_mamba2_options_we_cannot_express_raise(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "d_model": 32, "n_layer": 2, "vocab_size": 96,
+        "ssm_cfg": {"layer": "Mamba2", "headdim": 16, "norm_before_gate": True}}))
+    with pytest.raises(ValueError, match="norm_before_gate"):
+        jamba_jax.from_pretrained(tmp_path)
+
+
 def _save(torch_model, path):
     torch_model.save_pretrained(path)
     return path

@@ -177,3 +177,10 @@ def test_bfloat16_with_moe_and_mup_scalars(checkpoints, tmp_path):
 def test_bad_input_exits_2(tmp_path, capsys):
     assert main(["--model", str(tmp_path / "nowhere")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA")
+def test_missing_cuda_exits_2_not_1(checkpoints, capsys):
+    """1 means 'above tolerance': an environment without the asked-for device is bad input."""
+    assert main(["--model", str(checkpoints("mamba2")), "--torch-device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err

@@ -335,8 +335,18 @@ def test_packed_segments_equal_separate_runs(checkpoints, name):
     ("granitemoehybrid", {"num_hidden_layers": 3, "layer_types": ["mamba", "attention"]}, "layer_types"),
     ("granitemoehybrid", {"shared_intermediate_size": 0}, "shared_intermediate_size"),
     ("granitemoehybrid", {"hidden_act": "gelu"}, "hidden_act"),
+    ("mamba", {"hidden_act": "gelu"}, "hidden_act"),
+    ("falcon_mamba", {"hidden_act": "gelu"}, "hidden_act"),
+    ("mamba2", {"hidden_act": "gelu"}, "hidden_act"),
 ])
 def test_unsupported_features_raise(model_type, fields, match, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, **fields}))
     with pytest.raises(ValueError, match=match):
         jamba_jax.convert.config_from_pretrained(tmp_path)
+
+
+def test_nemotron_legacy_dt_limit_key(tmp_path):
+    """Older Nemotron-H configs name time_step_limit mamba_dt_limit (transformers maps it)."""
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "nemotron_h", "hybrid_override_pattern": "M", "mamba_dt_limit": [0.0, 0.01]}))
+    assert jamba_jax.convert.config_from_pretrained(tmp_path)[0].mamba2.dt_limit == (0.0, 0.01)

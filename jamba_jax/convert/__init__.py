@@ -98,5 +98,6 @@ def save_pretrained(model: LanguageModel, path: str | os.PathLike, *, dtype=None
     if dtype is not None:
         tensors = {k: v.astype(dtype) if np.issubdtype(v.dtype, np.floating) or v.dtype == jnp.bfloat16 else v
                    for k, v in tensors.items()}
-    hf["torch_dtype"] = str(next(iter(tensors.values())).dtype)
+    # transformers >= 5 reads "dtype", earlier releases "torch_dtype": both name the tensors' dtype
+    hf["dtype"] = hf["torch_dtype"] = str(next(iter(tensors.values())).dtype)
     write_checkpoint(path, hf, tensors)

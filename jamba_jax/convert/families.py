@@ -54,6 +54,17 @@ def lm_rules(cfg: ModelConfig, *, embed: str, final_norm: str, layer_prefix: str
     return rules
 
 
+# source config fields a saved checkpoint must not repeat: remote code it does not ship, a
+# quantisation it does not have, the source's dtype (save_pretrained sets its own)
+_NOT_CARRIED = ("auto_map", "quantization_config", "dtype", "torch_dtype")
+
+
+def _check_silu(hf: dict) -> None:
+    """Mamba layers here gate and activate with SiLU; refuse a config that says otherwise."""
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{hf['model_type']}: hidden_act={hf['hidden_act']!r} is not supported (only 'silu')")
+
+
 def _base_hf(cfg: ModelConfig, model_type: str, architecture: str, *, mup_scalars: bool = False) -> dict:
     """The config.json fields every family shares, on top of the source config's (same model type).
     Families without muP scalars (all but Granite: ``mup_scalars=False``) refuse configs that use them."""
@@ -65,6 +76,8 @@ def _base_hf(cfg: ModelConfig, model_type: str, architecture: str, *, mup_scalar
         if used:
             raise ValueError(f"{model_type} cannot express {used} (only granitemoehybrid has these scalars)")
     extra = dict(cfg.extra) if cfg.extra.get("model_type") == model_type else {}
+    for key in _NOT_CARRIED:
+        extra.pop(key, None)
     extra.update(model_type=model_type, architectures=[architecture], vocab_size=cfg.vocab_size,
                  hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
                  tie_word_embeddings=cfg.tie_embeddings)
@@ -74,6 +87,7 @@ def _base_hf(cfg: ModelConfig, model_type: str, architecture: str, *, mup_scalar
 # --- Mamba-1 and FalconMamba ----------------------------------------------------------------------
 
 def _mamba_from_hf(hf: dict) -> ModelConfig:
+    _check_silu(hf)
     falcon = hf["model_type"] == "falcon_mamba"
     d_model = hf.get("hidden_size", 768)
     rank = hf.get("time_step_rank", "auto")
@@ -125,6 +139,7 @@ register(Family("falcon_mamba", "FalconMambaForCausalLM", _mamba_from_hf,
 # --- Mamba-2 --------------------------------------------------------------------------------------
 
 def _mamba2_from_hf(hf: dict) -> ModelConfig:
+    _check_silu(hf)
     d_model = hf.get("hidden_size", 4096)
     eps = hf.get("layer_norm_epsilon", 1e-5)
     m2 = Mamba2Config(n_heads=hf.get("num_heads", 128), head_dim=hf.get("head_dim", 64),
@@ -168,6 +183,11 @@ register(Family("mamba2", "Mamba2ForCausalLM", _mamba2_from_hf, _mamba2_to_hf, _
 
 # --- mamba_ssm's own layout (MambaLMHeadModel: config.json with d_model / n_layer / ssm_cfg) --------
 
+# mamba_ssm Mamba2 options (ssm_cfg) that change the layer in ways ours does not express, with
+# the only value supported
+MAMBA_SSM_MAMBA2_FIXED = (("d_ssm", None), ("norm_before_gate", False), ("D_has_hdim", False), ("rmsnorm", True))
+
+
 def is_mamba_ssm_config(hf: dict) -> bool:
     return "model_type" not in hf and {"d_model", "n_layer"} <= set(hf)
 
@@ -187,6 +207,9 @@ def mamba_ssm_config(hf: dict) -> tuple[ModelConfig, list[Rule]]:
                   tie_embeddings=hf.get("tie_embeddings", True), residual_in_fp32=hf.get("residual_in_fp32", True))
     d_inner = ssm.get("expand", 2) * d_model
     if layer == "Mamba2":
+        for name, only in MAMBA_SSM_MAMBA2_FIXED:
+            if ssm.get(name, only) != only:
+                raise ValueError(f"mamba_ssm Mamba2: ssm_cfg.{name}={ssm[name]!r} is not supported (only {only!r})")
         head_dim = ssm.get("headdim", 64)
         m2 = Mamba2Config(n_heads=d_inner // head_dim, head_dim=head_dim, d_state=ssm.get("d_state", 128),
                           n_groups=ssm.get("ngroups", 1), d_conv=ssm.get("d_conv", 4),

@@ -283,7 +283,8 @@ def _nemotron_from_hf(hf: dict) -> ModelConfig:
                       proj_bias=hf.get("use_bias", False), chunk_size=get("chunk_size", "mamba_chunk_size", 128),
                       # time_step_min / time_step_max only set dt_bias at initialisation (transformers
                       # >= 5.25, as NVIDIA's Megatron / mamba_ssm); earlier 5.x releases clamped dt at time_step_min
-                      dt_limit=tuple(hf.get("time_step_limit") or (0.0, math.inf)), norm_eps=eps)
+                      dt_limit=tuple(get("time_step_limit", "mamba_dt_limit", None) or (0.0, math.inf)),
+                      norm_eps=eps)
     heads = hf.get("num_attention_heads", 32)
     head_dim = hf.get("head_dim", 128)
     att = AttentionConfig(n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,

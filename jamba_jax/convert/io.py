@@ -75,6 +75,8 @@ def _read_bin(files: list[Path]) -> dict[str, np.ndarray]:
 def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """All tensors of a checkpoint directory by name, as numpy arrays."""
     path = Path(path)
+    if (path / "model.safetensors").exists():          # transformers' first choice too
+        return _read_safetensors([path / "model.safetensors"])
     for index_name, reader in ((SAFETENSORS_INDEX, _read_safetensors), (BIN_INDEX, _read_bin)):
         index = path / index_name
         if index.exists():
@@ -92,9 +94,14 @@ def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def write_checkpoint(path: str | os.PathLike, config: dict, tensors: dict[str, np.ndarray],
                      max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write ``config.json`` and safetensors, sharded with an index above ``max_shard_bytes``."""
+    """Write ``config.json`` and safetensors, sharded with an index above ``max_shard_bytes``.
+    Weight files of an earlier checkpoint in ``path`` that the new one does not overwrite (other
+    shards, index files, ``pytorch_model*.bin``) are deleted once the new files are written, so
+    no reader can mix the two."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    stale = {p for pattern in ("model*.safetensors", "pytorch_model*.bin", SAFETENSORS_INDEX, BIN_INDEX)
+             for p in path.glob(pattern)}
     (path / "config.json").write_text(json.dumps(_encode_floats(config), indent=2, sort_keys=True) + "\n")
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
@@ -107,12 +114,16 @@ def write_checkpoint(path: str | os.PathLike, config: dict, tensors: dict[str, n
         size += arr.nbytes
     if len(shards) == 1:
         save_file(shards[0], path / "model.safetensors", metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, path / fname, metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
-    total = sum(a.nbytes for a in tensors.values())
-    (path / SAFETENSORS_INDEX).write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        written = {path / "model.safetensors"}
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, path / fname, metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+        total = sum(a.nbytes for a in tensors.values())
+        (path / SAFETENSORS_INDEX).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        written = {path / f for f in weight_map.values()} | {path / SAFETENSORS_INDEX}
+    for old in stale - written:
+        old.unlink()
