@@ -105,6 +105,12 @@ def _check_int_piece(inp, tgt, docs, seq_len):
 
 # ------------------------------------------------------------------------------------------ tokenizers
 
+def training_data(**kw) -> DataConfig:
+    """A DataConfig whose training split is every document of ``path`` (eval reads the same files;
+    without an eval_path, eval_fraction of them would be held out of training)."""
+    return DataConfig(eval_path=kw["path"], **kw)
+
+
 def test_byte_tokenizer():
     tok = ByteTokenizer()
     assert (tok.vocab_size, tok.eos_id) == (257, 256)
@@ -141,7 +147,7 @@ def test_tokenizer_json(tmp_path):
     # through the pipeline: each document ends with a target EOS
     corpus = tmp_path / "c.jsonl"
     _write_jsonl(corpus, ["hello world", "foo foo hello", "world"])
-    cfg = DataConfig(source="jsonl", path=str(corpus), shuffle=False)
+    cfg = training_data(source="jsonl", path=str(corpus), shuffle=False)
     b = next(make_train_iterator(cfg, tok, seq_len=16, global_batch_size=1))
     np.testing.assert_array_equal(b["input_ids"][0, :6], [2, 3, 4, 4, 2, 3])
     np.testing.assert_array_equal(b["targets"][0, :6], [3, 1, 4, 2, 1, 1])
@@ -202,7 +208,7 @@ def test_packing_invariants(tmp_path, packing):
     rng = np.random.default_rng(0)
     lengths = list(rng.integers(1, 70, size=30)) + [0, 5, 200]  # one empty, one longer than 3 rows
     docs = _int_docs(lengths)
-    cfg = DataConfig(source="jsonl", path=_write_jsonl(tmp_path / "d.jsonl", docs), packing=packing)
+    cfg = training_data(source="jsonl", path=_write_jsonl(tmp_path / "d.jsonl", docs), packing=packing)
     seq_len, rows = 32, 4
     batches = _take(make_train_iterator(cfg, IntTokenizer(), seq_len=seq_len, global_batch_size=rows, seed=3), 40)
     for b in batches:
@@ -222,7 +228,7 @@ def test_concat_epoch_has_every_token_once_in_order(tmp_path, shuffle):
     rng = np.random.default_rng(1)
     lengths = list(rng.integers(1, 90, size=25))
     docs = _int_docs(lengths)
-    cfg = DataConfig(source="jsonl", path=_write_jsonl(tmp_path / "d.jsonl", docs), shuffle=shuffle)
+    cfg = training_data(source="jsonl", path=_write_jsonl(tmp_path / "d.jsonl", docs), shuffle=shuffle)
     seq_len, rows = 24, 2
     total = sum(lengths)
     n_batches = 2 * total // (seq_len * rows) + 2
@@ -284,7 +290,7 @@ def test_resume_is_exact(tmp_path, packing, aligned):
     # has no remainder, which grain 0.2.18 mis-reads after a JSON round trip unless worked around)
     # (grain's index shuffle is slow on tiny datasets: ~8 ms per element for 12 documents, 0.2 ms for 200)
     lengths = [seq_len // 2] * 200 if aligned else list(np.random.default_rng(3).integers(1, 40, size=200))
-    cfg = DataConfig(source="jsonl", path=_write_jsonl(tmp_path / "d.jsonl", _int_docs(lengths)), packing=packing)
+    cfg = training_data(source="jsonl", path=_write_jsonl(tmp_path / "d.jsonl", _int_docs(lengths)), packing=packing)
     kw = dict(seq_len=seq_len, global_batch_size=rows, seed=11)
     ref = _take(make_train_iterator(cfg, IntTokenizer(), **kw), 30)
     for k in (0, 1, 2, 3, 5, 8, 13, 21):
@@ -324,7 +330,7 @@ def test_sharding_splits_documents(tmp_path):
     n_docs, seq_len, global_batch = 60, 16, 4
     lengths = list(np.random.default_rng(4).integers(1, 30, size=n_docs))
     docs = _int_docs(lengths)
-    cfg = DataConfig(source="jsonl", path=_write_jsonl(tmp_path / "d.jsonl", docs))
+    cfg = training_data(source="jsonl", path=_write_jsonl(tmp_path / "d.jsonl", docs))
     first_epoch = []
     for p in range(2):
         it = make_train_iterator(cfg, IntTokenizer(), seq_len=seq_len, global_batch_size=global_batch, seed=9,
@@ -347,7 +353,7 @@ def test_sharding_splits_documents(tmp_path):
 def test_multiprocess_workers(tmp_path):
     """num_workers > 0: grain worker processes (spawned, so this test pays their start-up); the state
     round-trips through JSON and set_state rewinds the workers."""
-    cfg = DataConfig(source="jsonl", path=_write_jsonl(tmp_path / "d.jsonl", _int_docs([7, 30, 12, 50, 3, 22])),
+    cfg = training_data(source="jsonl", path=_write_jsonl(tmp_path / "d.jsonl", _int_docs([7, 30, 12, 50, 3, 22])),
                      num_workers=1)
     it = make_train_iterator(cfg, IntTokenizer(), seq_len=16, global_batch_size=2, seed=1)
     try:
@@ -386,12 +392,12 @@ def test_text_source(tmp_path):
         (tmp_path / "corpus" / ("sub" if i == 2 else "") / f"doc{i}.txt").write_text(t, encoding="utf-8")
     (tmp_path / "corpus" / "empty.txt").write_text("")
     (tmp_path / "corpus" / ".hidden").write_text("never read")
-    got = _epoch_texts(DataConfig(source="text", path=str(tmp_path / "corpus"), shuffle=False), 3)
+    got = _epoch_texts(training_data(source="text", path=str(tmp_path / "corpus"), shuffle=False), 3)
     assert got == texts  # sorted paths: doc0, doc1, sub/doc2 (empty file skipped, hidden file ignored)
-    got = _epoch_texts(DataConfig(source="text", path=str(tmp_path / "corpus" / "**" / "*.txt"),
+    got = _epoch_texts(training_data(source="text", path=str(tmp_path / "corpus" / "**" / "*.txt"),
                                   shuffle=False), 3)
     assert sorted(got) == sorted(texts)
-    assert _epoch_texts(DataConfig(source="text", path=str(tmp_path / "corpus" / "doc1.txt")), 2) == [texts[1]] * 2
+    assert _epoch_texts(training_data(source="text", path=str(tmp_path / "corpus" / "doc1.txt")), 2) == [texts[1]] * 2
 
 
 def test_jsonl_source(tmp_path):
@@ -400,9 +406,9 @@ def test_jsonl_source(tmp_path):
     with open(path, "w") as f:
         for t in texts:
             f.write(json.dumps({"body": t, "id": 1}) + "\n\n")  # blank lines between records
-    cfg = DataConfig(source="jsonl", path=str(path), text_field="body", shuffle=False)
+    cfg = training_data(source="jsonl", path=str(path), text_field="body", shuffle=False)
     assert _epoch_texts(cfg, 3) == [t for t in texts if t]
-    bad = DataConfig(source="jsonl", path=str(path), shuffle=False)  # default field "text" is missing
+    bad = training_data(source="jsonl", path=str(path), shuffle=False)  # default field "text" is missing
     with pytest.raises(ValueError, match=r"no field 'text'.*text_field"):
         next(make_train_iterator(bad, ByteTokenizer(), seq_len=8, global_batch_size=1))
 
@@ -416,7 +422,7 @@ def test_array_record_source(tmp_path):
     for t in texts:
         writer.write(t.encode("utf-8"))
     writer.close()
-    assert _epoch_texts(DataConfig(source="array_record", path=path, shuffle=False), 3) == texts
+    assert _epoch_texts(training_data(source="array_record", path=path, shuffle=False), 3) == texts
     cfg = DataConfig(source="array_record", path=str(tmp_path), eval_path=path, shuffle=False)  # a directory
     assert _epoch_texts(cfg, 3) == texts
     ev = make_eval_batches(cfg, ByteTokenizer(), seq_len=128, batch_size=2, num_batches=5)
@@ -458,3 +464,20 @@ def test_bad_input(tmp_path):
         make_eval_batches(DataConfig(source="jsonl", path=ok), tok, seq_len=8, batch_size=1, num_batches=1)
     with pytest.raises(ValueError, match="seq_len"):
         make_train_iterator(DataConfig(source="jsonl", path=ok), tok, seq_len=0, global_batch_size=1)
+
+
+def test_without_eval_path_a_fraction_is_held_out(tmp_path):
+    """No eval_path: eval_fraction of the documents are eval's alone, the rest training's alone."""
+    from jamba_jax.data.pipeline import document_source
+    texts = [f"document {i}" for i in range(400)]
+    cfg = DataConfig(source="jsonl", path=_write_jsonl(tmp_path / "d.jsonl", texts), eval_fraction=0.1)
+    train = document_source(cfg, "train")
+    held = document_source(cfg, "eval")
+    train_docs = {train[i] for i in range(len(train))}
+    eval_docs = {held[i] for i in range(len(held))}
+    assert not train_docs & eval_docs and train_docs | eval_docs == set(texts)
+    assert 20 <= len(eval_docs) <= 60
+    batches = make_eval_batches(cfg, ByteTokenizer(), seq_len=16, batch_size=2, num_batches=1)
+    assert batches and batches[0]["input_ids"].shape == (2, 16)
+    with pytest.raises(ValueError, match="eval_path is for text / jsonl / array_record"):
+        DataConfig(eval_path=str(tmp_path / "d.jsonl"))

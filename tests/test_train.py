@@ -9,6 +9,7 @@ shared between runs through JAX's persistent compilation cache.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -242,3 +243,15 @@ def test_two_processes_match_one(tmp_path, env, reference):
     assert_close(result, ref, 1e-5)
     data_states = sorted(p.name for p in (workdir / "checkpoints" / "4" / "data").glob("process_*"))
     assert data_states == ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+def test_bfloat16_params_and_resumed_evals_logged_once(tmp_path, env):
+    """param_dtype=bfloat16 trains (the optimizer state keeps its dtypes step to step); a resumed run
+    logs each held-out loss once."""
+    args = dict(schedule_steps=6, checkpoint_every=2, eval_every=2, eval_batches=1, param_dtype="bfloat16")
+    train(tmp_path / "run", cli(steps=4, **args), env)
+    train(tmp_path / "run", cli(steps=6, **args), env)
+    result = losses(tmp_path / "run")
+    assert sorted(result) == list(range(1, 7)) and all(math.isfinite(v) for v in result.values())
+    evals = [r["step"] for r in records(tmp_path / "run") if "eval_loss" in r]
+    assert evals == [0, 2, 4, 6]

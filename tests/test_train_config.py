@@ -89,6 +89,7 @@ def test_unknown_keys_are_named(tmp_path):
     ("remat=some", "remat"), ("mesh.fsdp=0", "mesh.fsdp"), ("b2=1.5", "b2"), ("progress=maybe", "progress"),
     ("grad_accum_steps=3", "batch_size"), ("warmup_steps=5000", "warmup_steps"), ("data.source=csv", "data.source"),
     ("logical_axis_rules.embed=pipeline", "logical_axis_rules.embed"), ("data.packing=tight", "data.packing"),
+    ("ssm_impl=bogus", "ssm_impl"), ("seed=4294967296", "seed"),
 ])
 def test_bad_values_are_named(override, key):
     assert error(override).startswith(f"{key}:")
@@ -217,3 +218,22 @@ def test_checkpoint_fallbacks(tmp_path):
     assert not (directory / "4.orbax-checkpoint-tmp-1700000000").exists()  # cleaned up at start
     assert ckpt.save(3, _state(3.5), it)  # the step number is free again
     ckpt.close()
+
+
+def test_ssm_impls_are_the_kernels_impls():
+    from jamba_jax.train.config import SSM_IMPLS
+    from pallas_kernels.selective_scan import api as scan_api
+    from pallas_kernels.ssd import api as ssd_api
+    assert set(SSM_IMPLS) == {"auto", "pallas", *ssd_api._BACKENDS} == {"auto", "pallas", *scan_api._BACKENDS}
+
+
+def test_resume_refuses_another_data_pipeline(tmp_path):
+    """A checkpoint's data position belongs to its pipeline: changed keys are named, not a KeyError."""
+    from jamba_jax.train.loop import _check_resumable
+    (tmp_path / "config.yaml").write_text(load_config(SMOKE).to_yaml())
+    _check_resumable(str(tmp_path), load_config(SMOKE, ["steps=99", "learning_rate=0.01"]))   # fine
+    for override, key in [("data.num_workers=2", "data.num_workers"), ("data.packing=first_fit", "data.packing"),
+                          ("batch_size=4", "batch_size"), ("data.eval_fraction=0.2", "data.eval_fraction"),
+                          ("param_dtype=bfloat16", "param_dtype")]:
+        with pytest.raises(ConfigError, match=f"^{key}: differs"):
+            _check_resumable(str(tmp_path), load_config(SMOKE, [override]))

@@ -23,8 +23,8 @@ import dataclasses
 import grain
 import numpy as np
 
-from jamba_jax.data.sources import (ArrayRecordTextSource, JsonlSource, TextFilesSource, resolve_paths,
-                                    stdlib_corpus_files)
+from jamba_jax.data.sources import (ArrayRecordTextSource, DocumentSubset, JsonlSource, TextFilesSource,
+                                    held_out_documents, resolve_paths, stdlib_corpus_files)
 from jamba_jax.data.tokenizers import Tokenizer
 
 SOURCES: tuple[str, ...] = ("stdlib", "text", "jsonl", "array_record")
@@ -44,9 +44,10 @@ class DataConfig:
     ``source``: ``"stdlib"`` (the running interpreter's standard library, split by
     :func:`stdlib_corpus_files`), ``"text"`` (one document per file), ``"jsonl"`` (one document per line,
     field ``text_field``) or ``"array_record"`` (one UTF-8 document per record). ``path`` / ``eval_path``:
-    a file, a directory or a glob. ``packing``: ``"concat"`` (concat-then-split, rows completely full)
-    or ``"first_fit"`` (pieces of at most ``seq_len`` placed whole into rows; some padding, but a
-    document that fits a row is never split).
+    a file, a directory or a glob; without ``eval_path``, ``eval_fraction`` of ``path``'s documents
+    (`held_out_documents`) are held out of training for eval. ``packing``: ``"concat"``
+    (concat-then-split, rows completely full) or ``"first_fit"`` (pieces of at most ``seq_len`` placed
+    whole into rows; some padding, but a document that fits a row is never split).
     """
 
     source: str = "stdlib"
@@ -65,6 +66,9 @@ class DataConfig:
             raise ValueError(f"DataConfig.source={self.source!r}: must be one of {list(SOURCES)}")
         if self.source != "stdlib" and not self.path:
             raise ValueError(f"DataConfig.source={self.source!r} needs DataConfig.path (a file, directory or glob)")
+        if self.source == "stdlib" and self.eval_path:
+            raise ValueError("DataConfig.eval_path is for text / jsonl / array_record sources: the stdlib "
+                             "source holds out eval_fraction of its files")
         if self.packing not in PACKINGS:
             raise ValueError(f"DataConfig.packing={self.packing!r}: must be one of {list(PACKINGS)}")
         if not 0.0 < self.eval_fraction < 1.0:
@@ -87,10 +91,19 @@ def document_source(cfg: DataConfig, split: str = "train"):
         if not files:
             raise ValueError(f"stdlib corpus: the {split} split is empty (eval_fraction={cfg.eval_fraction})")
         return TextFilesSource(files, what=f"stdlib {split}")
-    path = cfg.path if split == "train" else cfg.eval_path
-    what = f"{cfg.source} {split} data"
-    if path is None:  # only eval can get here: DataConfig requires path
-        raise ValueError(f"{what}: DataConfig.eval_path is not set (held-out data for source={cfg.source!r})")
+    if cfg.eval_path is not None:
+        return _file_source(cfg, cfg.path if split == "train" else cfg.eval_path, f"{cfg.source} {split} data")
+    source = _file_source(cfg, cfg.path, f"{cfg.source} data")
+    held_out = held_out_documents(len(source), cfg.eval_fraction)
+    indices = np.flatnonzero(held_out if split == "eval" else ~held_out)
+    if not len(indices):
+        raise ValueError(f"{cfg.source} data {cfg.path!r}: eval_fraction={cfg.eval_fraction} of its {len(source)} "
+                         f"documents leaves the {split} split empty; set DataConfig.eval_path (held-out data) "
+                         f"or change eval_fraction")
+    return DocumentSubset(source, indices)
+
+
+def _file_source(cfg: DataConfig, path: str, what: str):
     if cfg.source == "text":
         return TextFilesSource(resolve_paths(path, what=what), what=f"{what} {path!r}")
     if cfg.source == "jsonl":
@@ -256,7 +269,7 @@ def make_train_iterator(cfg: DataConfig, tokenizer: Tokenizer, *, seq_len: int, 
 def make_eval_batches(cfg: DataConfig, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
                       num_batches: int) -> list[dict[str, np.ndarray]]:
     """A deterministic list of up to ``num_batches`` eval batches (same dicts as training, ``(batch_size,
-    seq_len)``), from the held-out split (stdlib) or ``cfg.eval_path``.
+    seq_len)``), from ``cfg.eval_path`` or else the held-out split (``eval_fraction``).
 
     Documents are read once, in a fixed shuffled order (seed independent of training) when
     ``cfg.shuffle``, else in source order. When they run out, the last batch is completed with padding

@@ -28,6 +28,32 @@ def _is_eval(rel_path: str, eval_fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") < eval_fraction * 2.0**64
 
 
+def held_out_documents(n: int, eval_fraction: float) -> np.ndarray:
+    """``(n,)`` bool: document ``i`` is held out for eval when a hash of ``i`` (splitmix64) falls below
+    ``eval_fraction``: a fixed, evenly spread split of a corpus that needs no document read."""
+    x = np.arange(n, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) < eval_fraction * 2.0**53
+
+
+class DocumentSubset:
+    """The documents ``indices`` of a random-access source, in that order."""
+
+    def __init__(self, source, indices: np.ndarray):
+        self.source, self.indices = source, np.asarray(indices, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> str:
+        return self.source[int(self.indices[index])]
+
+    def __repr__(self) -> str:
+        return f"DocumentSubset({len(self.indices)} of {self.source!r})"
+
+
 def stdlib_corpus_files(eval_fraction: float = 0.05, max_file_bytes: int = STDLIB_MAX_FILE_BYTES,
                         root: str | None = None) -> tuple[list[str], list[str]]:
     """``(train_files, eval_files)``: the ``.py`` files of the running interpreter's standard library.

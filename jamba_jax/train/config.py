@@ -90,6 +90,10 @@ def _nonneg_int(v):
     return None if _is_int(v) and v >= 0 else "expected an integer >= 0"
 
 
+def _seed(v):
+    return None if _is_int(v) and 0 <= v < 2**32 else "expected an integer in [0, 2**32)"
+
+
 def _positive(v):
     return None if _is_num(v) and v > 0 else "expected a positive number"
 
@@ -141,12 +145,15 @@ def _opt_int_list(v):
     return None if ok else "expected a list of device ids or null"
 
 
+#: the ``impl`` values of pallas_kernels' ssd and selective_scan (the model passes ssm_impl to both)
+SSM_IMPLS = ("auto", "pallas", "xla", "reference", "pallas_gpu", "pallas_tpu")
+
 #: dotted key -> check(value) returning None or what was expected. Every key of base.yaml is here.
 SCHEMA: dict[str, Callable[[Any], str | None]] = {
-    "steps": _positive_int, "seed": _nonneg_int, "batch_size": _positive_int, "seq_len": _positive_int,
+    "steps": _positive_int, "seed": _seed, "batch_size": _positive_int, "seq_len": _positive_int,
     "grad_accum_steps": _positive_int,
     "model": _model, "dtype": _choice(*DTYPES), "param_dtype": _choice(*DTYPES),
-    "remat": _choice("none", "full", "dots"), "ssm_impl": _str,
+    "remat": _choice("none", "full", "dots"), "ssm_impl": _choice(*SSM_IMPLS),
     "learning_rate": _positive, "warmup_steps": _nonneg_int, "min_lr_ratio": _unit,
     "schedule_steps": _opt_positive_int, "weight_decay": _nonneg,
     "decay_embeddings": _bool, "b1": _beta, "b2": _beta, "eps": _positive, "grad_clip": _nonneg,

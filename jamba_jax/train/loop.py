@@ -215,6 +215,9 @@ class Trainer:
         lr = self.schedule(state["step"])
         opt_state = with_learning_rate(state["opt_state"], lr)
         updates, new_opt_state = self.tx.update(grads, opt_state, params)
+        # the float32 gradients make the moments float32; keep each leaf in its initial dtype (the
+        # parameters' when param_dtype=bfloat16) so the state's types are the same every step
+        new_opt_state = jax.tree.map(lambda new, old: new.astype(old.dtype), new_opt_state, opt_state)
         new_params = optax.apply_updates(params, updates)
         param_norm = optax.global_norm(new_params)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
@@ -360,8 +363,16 @@ class _Stop:
             signal.signal(sig, handler)
 
 
-def _check_same_model(workdir: str, cfg: TrainConfig) -> None:
-    """Refuse to resume a workdir whose checkpoints belong to another model or dtype."""
+#: keys a checkpoint's saved data position depends on (grain's iterator state describes that pipeline)
+#: (and which documents train: eval_fraction of them are held out unless an eval_path is given)
+DATA_POSITION_KEYS = ("seq_len", "batch_size", "seed", "data_loading", "data.source", "data.path",
+                      "data.tokenizer", "data.text_field", "data.shuffle", "data.num_workers", "data.max_documents",
+                      "data.packing")
+
+
+def _check_resumable(workdir: str, cfg: TrainConfig) -> None:
+    """Refuse to resume a workdir whose checkpoints belong to another model or dtype, or whose saved data
+    position belongs to another data pipeline (naming the keys that changed)."""
     import yaml  # noqa: PLC0415
 
     path = os.path.join(workdir, "config.yaml")
@@ -369,10 +380,26 @@ def _check_same_model(workdir: str, cfg: TrainConfig) -> None:
         return
     with open(path) as f:
         old = yaml.safe_load(f) or {}
+
+    def get(tree: dict, dotted: str):
+        for part in dotted.split("."):
+            tree = tree.get(part) if isinstance(tree, dict) else None
+        return tree
+
     for key in ("model", "param_dtype"):
         if key in old and old[key] != cfg.raw[key]:
             raise ConfigError(f"{key}: differs from the run saved in {workdir} ({path}); its checkpoints cannot "
                               "be restored into this model: use another --workdir")
+    changed = [key for key in DATA_POSITION_KEYS if get(old, key) != get(cfg.raw, key)]
+    if (get(old, "data.eval_path") is None) != (get(cfg.raw, "data.eval_path") is None):
+        changed.append("data.eval_path")
+    elif get(cfg.raw, "data.eval_path") is None and (get(old, "data.eval_fraction")
+                                                      != get(cfg.raw, "data.eval_fraction")):
+        changed.append("data.eval_fraction")
+    if changed:
+        was = ", ".join(f"{key}={get(old, key)!r}" for key in changed)
+        raise ConfigError(f"{changed[0]}: differs from the run saved in {workdir} (it had {was}); its checkpoints "
+                          "hold a position in that data pipeline: set these back to resume, or use another --workdir")
 
 
 def run(cfg: TrainConfig, workdir: str) -> int:
@@ -390,7 +417,7 @@ def run(cfg: TrainConfig, workdir: str) -> int:
     mesh = shd.make_mesh(cfg.mesh)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if os.path.isdir(ckpt_dir):
-        _check_same_model(workdir, cfg)
+        _check_resumable(workdir, cfg)
     trainer = Trainer(cfg, mesh, tokenizer)
     if primary:
         os.makedirs(workdir, exist_ok=True)
@@ -427,8 +454,9 @@ def run(cfg: TrainConfig, workdir: str) -> int:
     def do_eval(step: int, when: str) -> dict:
         if not eval_batches:
             return {}
-        result = trainer.evaluate(state, eval_batches)
-        writer.write(step, result)
+        result = trainer.evaluate(state, eval_batches)      # every process: a collective computation
+        if step not in writer.eval_steps:   # a resumed run's earlier process may have logged this step
+            writer.write(step, result)
         if "eval_bpb" in result:
             echo(f"held-out loss at step {step} ({when}): {result['eval_bpb']:.3f} bits/byte "
                  f"({result['eval_loss']:.4f} nats/token)")
@@ -484,7 +512,7 @@ def run(cfg: TrainConfig, workdir: str) -> int:
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 drain(keep_last=False)
                 do_eval(step, "during")
-                clock["t"] = time.perf_counter()
+                clock["t"], clock["steps"] = time.perf_counter(), 0   # the rate counts training time only
             if preempted:
                 echo(f"stopping at step {step} ({stop.signal or 'preemption'}): "
                      + (f"checkpoint saved in {ckpt_dir}; run the same command again to resume" if cfg.checkpoints

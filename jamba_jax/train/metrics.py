@@ -28,6 +28,7 @@ class MetricsWriter:
         self.enabled = enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
+        self.eval_steps: set[int] = set()    # steps with a held-out loss already logged (kept on resume)
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
@@ -40,18 +41,22 @@ class MetricsWriter:
             except ImportError:
                 log.warning("tensorboardX is not installed: no TensorBoard event files (pip install tensorboardX)")
             else:
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
-                                         purge_step=resume_step + 1 if resume_step else None, flush_secs=30)
+                # purge what an earlier run logged past the resume step (from step 1 when it saved nothing)
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1,
+                                         flush_secs=30)
 
     def _truncate_after(self, step: int) -> None:
         kept = []
         with open(self.path) as f:
             for line in f:
                 try:
-                    if json.loads(line).get("step", 0) <= step:
-                        kept.append(line if line.endswith("\n") else line + "\n")
+                    record = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut short by a kill
+                if record.get("step", 0) <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+                    if "eval_loss" in record:
+                        self.eval_steps.add(record["step"])
         with open(self.path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(self.path + ".tmp", self.path)
