@@ -15,7 +15,11 @@ repetition averaging ``--inner`` back-to-back calls.
 
 The memory floor is the time to move each operand once at ``--bandwidth`` bytes/s:
 forward reads u, delta, B, C, z and writes y; forward + backward also reads dy and writes
-du, d(delta), dB, dC, dz (A, D and the bias are negligible).
+du, d(delta), dB, dC, dz (A, D and the bias are negligible).  The forward also gets a
+special-function floor: its n decays e^(delta A) per channel and step, one result each on
+the SFU (16 per clock and SM on sm_80 / sm_90: ``--sfu-per-clock``), over every SM at
+``--clock-ghz`` (default: the GPU's maximum SM clock).  A forward whose decays run on the SFU
+cannot beat it, whatever its memory traffic.
 
 Before timing, the kernels are checked on the GPU against the sequential reference in float32
 (values and all gradients, segments, initial state, l not a multiple of the chunk): the Triton
@@ -39,6 +43,7 @@ import functools
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -50,6 +55,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pallas_kernels.cross_lowering import cuda_target  # noqa: E402
+from pallas_kernels.gpu_splits import num_sms  # noqa: E402
 from pallas_kernels.selective_scan import selective_scan_reference, selective_scan_xla  # noqa: E402
 from pallas_kernels.selective_scan.pallas_mgpu import selective_scan_fwd_mgpu  # noqa: E402
 from pallas_kernels.selective_scan.pallas_gpu import (  # noqa: E402
@@ -139,6 +145,21 @@ def floor_seconds(b, l, d, n, bytes_per, bandwidth, backward):
     return total / bandwidth
 
 
+def sfu_floor_seconds(b, l, d, n, sms, clock_hz, per_clock):
+    """The forward's b * l * d * n decays, one special-function result each, on every SM."""
+    return b * l * d * n / (sms * per_clock * clock_hz)
+
+
+def max_sm_clock_hz(default_ghz=1.98):
+    """The first GPU's maximum SM clock from nvidia-smi (H100 / H200 SXM: 1.98 GHz)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.max.sm", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        return float(out.split()[0]) * 1e6
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return default_ghz * 1e9
+
+
 def gpu_cfg(fv, bv):
     return GpuConfig(forward="triton",
                      fwd_d_block=fv[0], fwd_num_warps=fv[1], unroll=fv[2], prefetch=bool(fv[3]),
@@ -195,6 +216,10 @@ def main():
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--inner", type=int, default=3)
     p.add_argument("--bandwidth", type=float, default=3.0e12, help="bytes/s for the memory floor")
+    p.add_argument("--sfu-per-clock", type=int, default=16,
+                   help="special-function results per clock and SM, for the SFU floor")
+    p.add_argument("--clock-ghz", type=float, default=None,
+                   help="SM clock for the SFU floor (default: nvidia-smi's maximum)")
     p.add_argument("--budget", type=float, default=280.0,
                    help="seconds; optional variants are skipped past this")
     p.add_argument("--shapes", default=None, help="comma-separated subset of the shape names")
@@ -244,7 +269,11 @@ def main():
     dev = jax.devices()[0]
     log(f"# selective_scan benchmark {datetime.date.today()} jax {jax.__version__} "
         f"device {dev.device_kind} ({dev.platform})")
-    results = {"device": dev.device_kind, "jax": jax.__version__, "rows": [], "checks": {}}
+    clock_hz = args.clock_ghz * 1e9 if args.clock_ghz else max_sm_clock_hz()
+    log(f"# SFU floor from {num_sms()} SMs x {args.sfu_per_clock} results per clock at "
+        f"{clock_hz / 1e9:.2f} GHz; memory floor at {args.bandwidth / 1e12:.2f} TB/s")
+    results = {"device": dev.device_kind, "jax": jax.__version__, "rows": [], "checks": {},
+               "sms": num_sms(), "clock_hz": clock_hz}
     rows = results["rows"]
 
     def save():
@@ -289,6 +318,9 @@ def main():
             dy = jnp.asarray(np.random.default_rng(8).standard_normal((b, l, d)), jnp.bfloat16)
             floors = {m: floor_seconds(b, l, d, n, 2, args.bandwidth, m == "fwd+bwd")
                       for m in ("fwd", "fwd+bwd")}
+            sfu_floor = sfu_floor_seconds(b, l, d, n, num_sms(), clock_hz, args.sfu_per_clock)
+            log(f"{name}: memory floor fwd {floors['fwd'] * 1e3:.3f} ms, fwd+bwd "
+                f"{floors['fwd+bwd'] * 1e3:.3f} ms; SFU floor fwd {sfu_floor * 1e3:.3f} ms")
             ref_out = {}
 
             def record(impl_name, mode, fn, fargs, inner, compare=True):
@@ -301,6 +333,8 @@ def main():
                     return None
                 row = dict(shape=name, mode=mode, impl=impl_name, ms=sec * 1e3,
                            floor_ms=floors[mode] * 1e3)
+                if mode == "fwd":
+                    row["sfu_floor_ms"] = sfu_floor * 1e3
                 if compare and mode in ref_out:   # vs the XLA path's outputs (bf16)
                     base = ref_out[mode]
                     if mode == "fwd":
@@ -497,6 +531,12 @@ def summary(rows):
                 b = min(mgpu, key=lambda r: r["ms"])
                 log(f"{shape:11s} {mode:8s} {b['ms']:11.3f} (Mosaic GPU forward) "
                     f"{b['ms'] / floor:6.2f}x floor  {b['impl']}")
+            fwd_rows = [r for r in sel if "sfu_floor_ms" in r and r["impl"] not in ("xla", "reference")]
+            if fwd_rows:
+                b = min(fwd_rows, key=lambda r: r["ms"])
+                log(f"{shape:11s} {mode:8s} SFU floor {b['sfu_floor_ms']:.3f} ms "
+                    f"({b['sfu_floor_ms'] / floor:.2f}x the memory floor); fastest forward at "
+                    f"{b['ms'] / b['sfu_floor_ms']:.2f}x it")
 
 
 if __name__ == "__main__":
