@@ -74,3 +74,29 @@ def test_packed_segments_equal_separate_runs(checkpoint):
         alone = np.asarray(model(jnp.asarray(ids[:, start:start + n])))
         assert rel_l2(packed[:, start:start + n], alone) < 1e-4
         start += n
+
+
+@pytest.mark.parametrize("limit", [(0.0, 0.01), (2.0, 3.0)])
+def test_dt_limit_matches_transformers_where_it_binds(limit, tmp_path):
+    """With dt_bias = 1, D = 0 and a large out_proj the SSM path dominates the logits, so a clamp of dt
+    that is ignored (or applied wrongly) shows far above the parity tolerance."""
+    import torch
+
+    def build(time_step_limit):
+        cfg = transformers.Mamba2Config(vocab_size=40, hidden_size=16, num_heads=4, head_dim=8, state_size=4,
+                                        n_groups=1, expand=2, num_hidden_layers=1, chunk_size=8,
+                                        time_step_limit=time_step_limit)
+        model = random_torch_model(cfg)
+        with torch.no_grad():
+            for layer in model.backbone.layers:
+                layer.mixer.dt_bias.fill_(1.0)
+                layer.mixer.D.zero_()
+                layer.mixer.out_proj.weight.mul_(10)
+        return model
+
+    ids = _ids(40, l=19)
+    clamped, free = build(limit), build((0.0, float("inf")))
+    assert rel_l2(torch_logits(clamped, ids), torch_logits(free, ids)) > 1e-2   # the limit binds
+    clamped.save_pretrained(tmp_path)
+    ours = jamba_jax.from_pretrained(tmp_path)(jnp.asarray(ids))
+    assert rel_l2(ours, torch_logits(clamped, ids)) < 1e-4
