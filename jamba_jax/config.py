@@ -23,6 +23,15 @@ PATTERN_SYMBOLS: dict[str, str] = {"M": "mamba2", "*": "attention", "-": "mlp", 
 Activation = Literal["silu", "swiglu", "relu2", "gelu", "gelu_tanh", "geglu"]
 
 
+#: the ``impl`` values of pallas_kernels' ssd and selective_scan (the Mamba mixers pass theirs to both)
+SSM_IMPLS = ("auto", "pallas", "xla", "reference", "pallas_gpu", "pallas_tpu")
+
+
+def check_ssm_impl(impl: str) -> None:
+    if impl not in SSM_IMPLS:
+        raise ValueError(f"SSM impl={impl!r}: expected one of {SSM_IMPLS}")
+
+
 def _check(condition: bool, field_name: str, value, why: str) -> None:
     if not condition:
         raise ValueError(f"invalid config: {field_name}={value!r}: {why}")
@@ -45,6 +54,7 @@ class Mamba1Config:
     def __post_init__(self):
         for name in ("d_inner", "d_state", "d_conv"):
             _check(getattr(self, name) > 0, f"mamba1.{name}", getattr(self, name), "must be positive")
+        _check(self.dt_rank >= 0, "mamba1.dt_rank", self.dt_rank, "must be >= 0 (0: ceil(d_model / 16))")
         _check(self.bcdt_norm in (None, "weightless", "weighted"), "mamba1.bcdt_norm", self.bcdt_norm,
                "must be None, 'weightless' or 'weighted'")
 
@@ -75,6 +85,7 @@ class Mamba2Config:
     def __post_init__(self):
         for name in ("n_heads", "head_dim", "d_state", "n_groups", "d_conv", "chunk_size"):
             _check(getattr(self, name) > 0, f"mamba2.{name}", getattr(self, name), "must be positive")
+        object.__setattr__(self, "chunk_size", int(self.chunk_size))   # numpy integers from sweeps too
         _check(self.n_heads % self.n_groups == 0, "mamba2.n_groups", self.n_groups,
                f"must divide mamba2.n_heads={self.n_heads}")
         object.__setattr__(self, "dt_limit", tuple(float(v) for v in self.dt_limit))
@@ -165,6 +176,8 @@ class MoEConfig:
                f"must be in [1, moe.n_experts={self.n_experts}]")
         _check(self.d_ff > 0, "moe.d_ff", self.d_ff, "must be positive")
         _check(self.router in ("softmax", "sigmoid"), "moe.router", self.router, "must be softmax or sigmoid")
+        _check(self.n_groups > 0, "moe.n_groups", self.n_groups, "must be positive")
+        _check(self.shared_d_ff >= 0, "moe.shared_d_ff", self.shared_d_ff, "must be >= 0 (0: no shared expert)")
         _check(self.n_experts % self.n_groups == 0, "moe.n_groups", self.n_groups,
                f"must divide moe.n_experts={self.n_experts}")
         _check(0 < self.top_k_groups <= self.n_groups, "moe.top_k_groups", self.top_k_groups,

@@ -118,6 +118,8 @@ class LanguageModel(nnx.Module):
         (before the final norm), for layer-by-layer comparisons.
         """
         cfg = self.config
+        input_ids = jnp.asarray(input_ids)            # lists and numpy arrays too
+        segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
         if not isinstance(input_ids, jax.core.Tracer):
             ids = np.asarray(input_ids)
             if ids.ndim != 2:

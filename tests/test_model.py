@@ -46,3 +46,10 @@ def test_per_layer_hidden_states_follow_the_stack():
     second_rep = nnx.merge(graphdef, jax.tree.map(lambda x: x[1], state))
     h2, _ = second_rep(per_layer[1], segment_ids=None, positions=None)
     assert rel_l2(per_layer[2], h2) < 1e-6
+
+
+def test_lists_and_numpy_ids_are_accepted():
+    model = LanguageModel(CFG, rngs=nnx.Rngs(0))
+    want = model(IDS, segment_ids=jnp.ones_like(IDS))
+    ids, segs = np.asarray(IDS).tolist(), np.ones(IDS.shape, np.int32).tolist()
+    np.testing.assert_array_equal(model(ids, segment_ids=segs), want)

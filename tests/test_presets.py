@@ -57,6 +57,11 @@ def test_active_parameters_count_top_k_experts():
      r"logits_divisor=0"),
     (lambda: ModelConfig(vocab_size=8, d_model=4, layers=("mamba1",), mamba1=Mamba1Config(8),
                          embedding_multiplier=float("nan")), r"embedding_multiplier=nan"),
+    (lambda: Mamba1Config(8, dt_rank=-1), r"mamba1.dt_rank=-1"),
+    (lambda: MoEConfig(n_experts=4, top_k=2, d_ff=8, n_groups=0), r"moe.n_groups=0"),
+    (lambda: MoEConfig(n_experts=4, top_k=2, d_ff=8, shared_d_ff=-1), r"moe.shared_d_ff=-1"),
+    (lambda: LanguageModel(ModelConfig(vocab_size=8, d_model=4, layers=("mamba1",), mamba1=Mamba1Config(8)),
+                           rngs=nnx.Rngs(0), impl="bogus"), r"impl='bogus'"),
 ])
 def test_bad_configs_name_the_field(build, message):
     with pytest.raises(ValueError, match=message):

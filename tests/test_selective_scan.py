@@ -251,3 +251,12 @@ def test_unknown_impl_raises():
     x = make_inputs(8, l=10)
     with pytest.raises(ValueError, match=r"impl must be one of .*'xla'.*found 'cuda'"):
         selective_scan(*(x[k] for k in ("u", "delta", "A", "B", "C")), impl="cuda")
+
+
+def test_lists_and_numpy_arguments_are_accepted():
+    """As ssd: array-likes are converted (a list used to fail on .ndim)."""
+    x = make_inputs(12, l=9)
+    want = selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], impl="xla")
+    got = selective_scan(*(np.asarray(x[k]).tolist() for k in ("u", "delta", "A", "B", "C")),
+                         D=np.asarray(x["D"]), impl="xla")
+    np.testing.assert_allclose(got, want, rtol=1e-6)

@@ -237,6 +237,7 @@ def test_auto_short_sequence_and_no_final_state():
     ("segment_ids", lambda i: np.zeros((2, 36), np.int32), "'segment_ids' expected shape"),
     ("segment_ids", lambda i: np.zeros((2, 37), np.float32), "'segment_ids' expected an integer"),
     ("chunk_size", lambda i: 0, "'chunk_size'"),
+    ("dt_limit", lambda i: None, "'dt_limit'"),
     ("impl", lambda i: "cuda", "'impl'"),
 ])
 def test_bad_arguments(arg, bad, message):
@@ -245,3 +246,9 @@ def test_bad_arguments(arg, bad, message):
     kwargs[arg] = bad(inputs)
     with pytest.raises(ValueError, match=message):
         ssd(**kwargs)
+
+
+def test_numpy_integer_chunk_size():
+    inputs = make_inputs(6, l=37, g=2)
+    want = ssd(**inputs, chunk_size=CHUNK, impl="xla")
+    np.testing.assert_array_equal(ssd(**inputs, chunk_size=np.int64(CHUNK), impl="xla"), want)

@@ -221,7 +221,7 @@ def test_checkpoint_fallbacks(tmp_path):
 
 
 def test_ssm_impls_are_the_kernels_impls():
-    from jamba_jax.train.config import SSM_IMPLS
+    from jamba_jax.config import SSM_IMPLS
     from pallas_kernels.selective_scan import api as scan_api
     from pallas_kernels.ssd import api as ssd_api
     assert set(SSM_IMPLS) == {"auto", "pallas", *ssd_api._BACKENDS} == {"auto", "pallas", *scan_api._BACKENDS}

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jamba_jax.cache import SSMCache, check_state_dtype, conv_step, conv_window
-from jamba_jax.config import Mamba1Config
+from jamba_jax.config import Mamba1Config, check_ssm_impl
 from jamba_jax.layers.common import dense, param, rms_normalize
 from jamba_jax.layers.ssm_init import conv_init, dt_bias_init
 from jamba_jax.ops import causal_conv1d
@@ -45,6 +45,7 @@ class Mamba1Mixer(nnx.Module):
 
     def __init__(self, cfg: Mamba1Config, d_model: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs, impl: str = "auto"):
+        check_ssm_impl(impl)
         self.cfg, self.dtype, self.impl = cfg, dtype, impl
         d, n, r = cfg.d_inner, cfg.d_state, cfg.dt_rank
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jamba_jax.cache import SSMCache, check_state_dtype, conv_step, conv_window
-from jamba_jax.config import Mamba2Config
+from jamba_jax.config import Mamba2Config, check_ssm_impl
 from jamba_jax.layers.common import dense, param
 from jamba_jax.layers.ssm_init import conv_init, dt_bias_init
 from jamba_jax.ops import causal_conv1d, gated_rms_norm
@@ -24,6 +24,7 @@ class Mamba2Mixer(nnx.Module):
 
     def __init__(self, cfg: Mamba2Config, d_model: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs, impl: str = "auto"):
+        check_ssm_impl(impl)
         self.cfg, self.dtype, self.impl = cfg, dtype, impl
         # The decode step's state update (`ssd_decode_update`): the fused GPU kernel where there is
         # one, unless a pure-JAX scan path was asked for.

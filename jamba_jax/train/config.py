@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from jamba_jax.config import ModelConfig
+from jamba_jax.config import SSM_IMPLS, ModelConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
 BASE_CONFIG = CONFIG_DIR / "base.yaml"
@@ -144,9 +144,6 @@ def _opt_int_list(v):
     ok = v is None or (isinstance(v, list) and all(_is_int(i) and i >= 0 for i in v))
     return None if ok else "expected a list of device ids or null"
 
-
-#: the ``impl`` values of pallas_kernels' ssd and selective_scan (the model passes ssm_impl to both)
-SSM_IMPLS = ("auto", "pallas", "xla", "reference", "pallas_gpu", "pallas_tpu")
 
 #: dotted key -> check(value) returning None or what was expected. Every key of base.yaml is here.
 SCHEMA: dict[str, Callable[[Any], str | None]] = {

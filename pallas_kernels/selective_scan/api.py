@@ -131,6 +131,9 @@ def selective_scan(
         raise ValueError(
             f"selective_scan: impl must be one of {['auto', 'pallas', *_BACKENDS]}, found {impl!r}"
         )
+    u, delta, A, B, C = map(jnp.asarray, (u, delta, A, B, C))
+    D, z, delta_bias, initial_state, segment_ids = (
+        None if a is None else jnp.asarray(a) for a in (D, z, delta_bias, initial_state, segment_ids))
     _check_args(u, delta, A, B, C, D, z, delta_bias, initial_state, segment_ids)
     extra = dict(interpret=interpret) if impl in _PALLAS else {}
     y, final_state = _BACKENDS[impl](

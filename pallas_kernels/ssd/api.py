@@ -17,6 +17,7 @@ it runs the GPU kernels in Pallas' interpreter).
 from __future__ import annotations
 
 import importlib
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -113,9 +114,9 @@ def _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_limit, initial_state
         if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
             raise ValueError(
                 f"ssd: argument 'segment_ids' expected an integer dtype, found {segment_ids.dtype}")
-    if not isinstance(chunk_size, int) or chunk_size <= 0:
+    if not isinstance(chunk_size, numbers.Integral) or isinstance(chunk_size, bool) or chunk_size <= 0:
         raise ValueError(f"ssd: argument 'chunk_size' expected a positive int, found {chunk_size!r}")
-    if len(tuple(dt_limit)) != 2:
+    if dt_limit is None or len(tuple(dt_limit)) != 2:
         raise ValueError(f"ssd: argument 'dt_limit' expected a pair (min, max), found {dt_limit!r}")
 
 
@@ -155,6 +156,7 @@ def ssd(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None, dt_softplus
     impl = _resolve_impl(impl, interpret)
     backend = _load_backend(impl)
     dt_limit = tuple(float(v) for v in dt_limit)
+    chunk_size = int(chunk_size)           # a numpy integer from a sweep is a static int here
     extra = {"interpret": bool(interpret)} if impl in _PALLAS else {}
     y, final_state = backend(
         x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
