@@ -54,7 +54,7 @@ def load_preset(name_or_path: str) -> ModelConfig:
 def main(argv=None) -> None:
     from jamba_jax.params import count_params
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m jamba_jax.presets", description=__doc__.split("\n\n")[0])
     parser.add_argument("presets", nargs="*", help="preset names (default: all)")
     parser.add_argument("--derive", action="store_true", help="also print each count's derivation")
     args = parser.parse_args(argv)

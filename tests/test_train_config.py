@@ -113,9 +113,12 @@ def test_device_checks():
 
 def test_cli_errors_exit_2(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    (tmp_path / "three.jsonl").write_text("".join(f'{{"text": "document {i}"}}\n' for i in range(3)))
     for args, expected in [(["bogus=1"], "bogus: unknown key"),
                            (["mesh.fsdp=2"], "mesh data*fsdp*tensor*expert = 2 but there are 1 devices"),
-                           (["data.source=jsonl", f"data.path={tmp_path}/none.jsonl"], "data.path:")]:
+                           (["data.source=jsonl", f"data.path={tmp_path}/none.jsonl"], "data.path:"),
+                           (["data.source=jsonl", f"data.path={tmp_path}/three.jsonl", "data.eval_fraction=0.01"],
+                            "data: jsonl data")]:     # eval_batches > 0 but no document is held out
         p = subprocess.run([sys.executable, str(ROOT / "train.py"), "--workdir", str(tmp_path / "w"), *args],
                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
         assert p.returncode == 2, p.stderr[-2000:]

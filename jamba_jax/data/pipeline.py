@@ -98,8 +98,8 @@ def document_source(cfg: DataConfig, split: str = "train"):
     indices = np.flatnonzero(held_out if split == "eval" else ~held_out)
     if not len(indices):
         raise ValueError(f"{cfg.source} data {cfg.path!r}: eval_fraction={cfg.eval_fraction} of its {len(source)} "
-                         f"documents leaves the {split} split empty; set DataConfig.eval_path (held-out data) "
-                         f"or change eval_fraction")
+                         f"documents leaves the {split} split empty; set data.eval_path (held-out data) "
+                         f"or change data.eval_fraction")
     return DocumentSubset(source, indices)
 
 

@@ -431,8 +431,14 @@ def run(cfg: TrainConfig, workdir: str) -> int:
         shard_index, shard_count = 0, 1
     else:
         shard_index, shard_count = shd.process_batch_shard(trainer.batch_sharding, (cfg.batch_size, cfg.seq_len))
-    data_iter = make_train_iterator(cfg.data, tokenizer, seq_len=cfg.seq_len, global_batch_size=cfg.batch_size,
-                                    seed=cfg.seed, process_index=shard_index, process_count=shard_count)
+    try:   # the data's own checks (files, fields, splits) are configuration errors, found before compiling
+        data_iter = make_train_iterator(cfg.data, tokenizer, seq_len=cfg.seq_len, global_batch_size=cfg.batch_size,
+                                        seed=cfg.seed, process_index=shard_index, process_count=shard_count)
+        eval_batches = [shd.replicated_batch(b, trainer.batch_sharding) for b in
+                        make_eval_batches(cfg.data, tokenizer, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                                          num_batches=cfg.eval_batches)] if cfg.eval_batches else []
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"data: {e}") from e
     ckpt = Checkpointer(ckpt_dir, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,
                         async_writes=cfg.async_checkpointing)
     restored = ckpt.restore_latest(trainer.state_target, data_iter)
@@ -442,9 +448,6 @@ def run(cfg: TrainConfig, workdir: str) -> int:
         start, state = restored
         log.info("resumed from %s/%d", ckpt_dir, start)
     trainer.compile_step()
-    eval_batches = [shd.replicated_batch(b, trainer.batch_sharding) for b in
-                    make_eval_batches(cfg.data, tokenizer, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                                      num_batches=cfg.eval_batches)] if cfg.eval_batches else []
     writer = MetricsWriter(workdir, enabled=primary, tensorboard=cfg.tensorboard, resume_step=start)
     progress = Progress(cfg.steps, start, enabled=cfg.progress and primary)
     echo = progress.echo if primary else (lambda message: None)
