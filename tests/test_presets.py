@@ -59,6 +59,7 @@ def test_active_parameters_count_top_k_experts():
                          embedding_multiplier=float("nan")), r"embedding_multiplier=nan"),
     (lambda: Mamba1Config(8, dt_rank=-1), r"mamba1.dt_rank=-1"),
     (lambda: MoEConfig(n_experts=4, top_k=2, d_ff=8, n_groups=0), r"moe.n_groups=0"),
+    (lambda: MoEConfig(n_experts=8, top_k=3, d_ff=8, router="sigmoid", n_groups=4, top_k_groups=1), r"moe.top_k=3"),
     (lambda: MoEConfig(n_experts=4, top_k=2, d_ff=8, shared_d_ff=-1), r"moe.shared_d_ff=-1"),
     (lambda: LanguageModel(ModelConfig(vocab_size=8, d_model=4, layers=("mamba1",), mamba1=Mamba1Config(8)),
                            rngs=nnx.Rngs(0), impl="bogus"), r"impl='bogus'"),

@@ -223,3 +223,13 @@ def test_inside_shard_map():
                           capture_output=True, text=True, env=env, cwd=root, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     assert "pallas_gpu ok" in proc.stdout and "pallas_tpu ok" in proc.stdout
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_runs_with_x64_enabled(impl):
+    """Index maps must not mix int32 block indices with Python ints that x64 makes int64."""
+    inputs = make_inputs(5, l=20, g=2, p=16)
+    want = ssd(**inputs, chunk_size=CHUNK, impl="reference")
+    with jax.enable_x64(True):
+        got = ssd(**inputs, chunk_size=CHUNK, impl=impl, interpret=True)
+    assert rel_l2(got, want) < 1e-5

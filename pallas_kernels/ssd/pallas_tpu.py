@@ -23,7 +23,6 @@ import dataclasses
 import functools
 
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
@@ -139,7 +138,7 @@ def forward(cfg: pc.Config, P: pc.Prepared, save: bool):
     a = _Args()
     x_spec = pl.BlockSpec((None, None, T, p), lambda i, j, c: (i, j, c, 0))
     a.add("x", V.x, x_spec)
-    bc_spec = pl.BlockSpec((None, None, T, n), lambda i, j, c: (i, lax.div(j, R), c, 0))
+    bc_spec = pl.BlockSpec((None, None, T, n), lambda i, j, c: (i, j // R, c, 0))
     a.add("B", V.B, bc_spec)
     a.add("C", V.C, bc_spec)
     col_spec = pl.BlockSpec((None, None, T, 1), lambda i, j, c: (i, j, c, 0))
@@ -221,7 +220,7 @@ def backward_dstates(cfg: pc.Config, P: pc.Prepared, dy, dfinal):
     a = _Args()
     a.add("dy", jnp.swapaxes(dy, 1, 2), pl.BlockSpec((None, None, T, p),
                                                       lambda i, j, c: (i, j, rev(c), 0)))
-    a.add("C", V.C, pl.BlockSpec((None, None, T, n), lambda i, j, c: (i, lax.div(j, R), rev(c), 0)))
+    a.add("C", V.C, pl.BlockSpec((None, None, T, n), lambda i, j, c: (i, j // R, rev(c), 0)))
     a.add("cum_col", V.cum_col, pl.BlockSpec((None, None, T, 1), lambda i, j, c: (i, j, rev(c), 0)))
     a.add("cum_row", V.cum_row, pl.BlockSpec((None, None, 1, T), lambda i, j, c: (i, j, 0, rev(c))))
     if cfg.has_segments:
