@@ -182,8 +182,8 @@ class MoEConfig:
                f"must divide moe.n_experts={self.n_experts}")
         _check(0 < self.top_k_groups <= self.n_groups, "moe.top_k_groups", self.top_k_groups,
                f"must be in [1, moe.n_groups={self.n_groups}]")
-        allowed = self.top_k_groups * (self.n_experts // self.n_groups)
-        _check(self.top_k <= allowed, "moe.top_k", self.top_k,
+        allowed = self.top_k_groups * (self.n_experts // self.n_groups)   # the sigmoid router's group limit
+        _check(self.router != "sigmoid" or self.top_k <= allowed, "moe.top_k", self.top_k,
                f"must be at most the {allowed} experts of the moe.top_k_groups={self.top_k_groups} groups chosen "
                f"(the rest are masked out)")
         _check(self.activation in ("swiglu", "relu2", "gelu", "gelu_tanh", "geglu"), "moe.activation",
