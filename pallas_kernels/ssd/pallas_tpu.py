@@ -23,6 +23,7 @@ import dataclasses
 import functools
 
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
@@ -30,6 +31,13 @@ from pallas_kernels.ssd import pallas_common as pc
 from pallas_kernels.ssd.reference import DEFAULT_DT_LIMIT
 
 f32 = jnp.float32
+
+
+def _group(head, heads_per_group: int):
+    """The B / C group of a head block index.  lax.div (truncating; indices are >= 0) in the
+    index's own dtype: ``//`` lowers through sign, which Mosaic lowers only for a known TPU, and
+    a Python int divisor becomes int64 under jax_enable_x64."""
+    return lax.div(head, jnp.asarray(heads_per_group, head.dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +146,7 @@ def forward(cfg: pc.Config, P: pc.Prepared, save: bool):
     a = _Args()
     x_spec = pl.BlockSpec((None, None, T, p), lambda i, j, c: (i, j, c, 0))
     a.add("x", V.x, x_spec)
-    bc_spec = pl.BlockSpec((None, None, T, n), lambda i, j, c: (i, j // R, c, 0))
+    bc_spec = pl.BlockSpec((None, None, T, n), lambda i, j, c: (i, _group(j, R), c, 0))
     a.add("B", V.B, bc_spec)
     a.add("C", V.C, bc_spec)
     col_spec = pl.BlockSpec((None, None, T, 1), lambda i, j, c: (i, j, c, 0))
@@ -220,7 +228,7 @@ def backward_dstates(cfg: pc.Config, P: pc.Prepared, dy, dfinal):
     a = _Args()
     a.add("dy", jnp.swapaxes(dy, 1, 2), pl.BlockSpec((None, None, T, p),
                                                       lambda i, j, c: (i, j, rev(c), 0)))
-    a.add("C", V.C, pl.BlockSpec((None, None, T, n), lambda i, j, c: (i, j // R, rev(c), 0)))
+    a.add("C", V.C, pl.BlockSpec((None, None, T, n), lambda i, j, c: (i, _group(j, R), rev(c), 0)))
     a.add("cum_col", V.cum_col, pl.BlockSpec((None, None, T, 1), lambda i, j, c: (i, j, rev(c), 0)))
     a.add("cum_row", V.cum_row, pl.BlockSpec((None, None, 1, T), lambda i, j, c: (i, j, 0, rev(c))))
     if cfg.has_segments:
