@@ -166,9 +166,11 @@ def decode_step(model, tokens: jax.Array, cache: Cache) -> tuple[jax.Array, Cach
     cache apart and puts the cache back together (copies); `generate` / `TokenStream` do that once.
     """
     capacity = cache.max_len
-    if capacity is not None and not _is_traced(cache.lengths) and int(np.max(cache.lengths)) >= capacity:
-        raise ValueError(f"the KV cache is full: a row holds {int(np.max(cache.lengths))} tokens of "
-                         f"{capacity}; build it with room for the tokens to decode (prefill's max_len)")
+    if capacity is not None and not _is_traced(cache.lengths):
+        longest = int(np.max(cache.lengths))
+        if longest >= capacity:
+            raise ValueError(f"the KV cache is full: a row holds {longest} tokens of {capacity}; build it with "
+                             f"room for the tokens to decode (prefill's max_len)")
     logits, flat = _decode_layers(model, tokens, unstack_cache(cache, model.repeats), layer_weights(model))
     return logits, stack_cache(flat, len(model.blocks))
 
@@ -184,8 +186,7 @@ def sample(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0, top_k
     largest-probability tokens whose mass reaches ``top_p`` (the top token is always kept), and
     sampled with ``key``.
     """
-    if isinstance(temperature, numbers.Real) and not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+    _check_temperature(temperature)
     logits = logits.astype(jnp.float32)
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -325,6 +326,12 @@ def _is_traced(x) -> bool:
     return any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(x))
 
 
+def _check_temperature(temperature) -> None:
+    """A number given for the temperature must be finite and >= 0 (a traced one is not checked)."""
+    if isinstance(temperature, numbers.Real) and not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+
+
 def _integer(name: str, value) -> int:
     """``value`` as an int, or ``ValueError`` (not a silent truncation of 2.7, nor a list)."""
     if isinstance(value, (numbers.Integral, np.integer)) and not isinstance(value, bool):
@@ -334,8 +341,9 @@ def _integer(name: str, value) -> int:
     raise ValueError(f"{name} must be a single integer, got {value!r}")
 
 
-def _check_prompts(ids: np.ndarray, prompt_lengths, vocab: int) -> np.ndarray:
-    """Checks a right-padded prompt batch; returns the lengths ``(b,)`` int32."""
+def _check_prompts(ids: np.ndarray, prompt_lengths, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """Checks a right-padded prompt batch; returns the lengths ``(b,)`` int32 and which tokens are
+    real (not padding), ``(b, l)`` bool."""
     if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
         raise ValueError(f"input_ids must be (batch, length) with batch, length >= 1, got shape {ids.shape}")
     if not np.issubdtype(ids.dtype, np.integer):
@@ -352,7 +360,7 @@ def _check_prompts(ids: np.ndarray, prompt_lengths, vocab: int) -> np.ndarray:
     real = np.arange(l)[None, :] < lengths[:, None]
     if ids[real].min() < 0 or ids[real].max() >= vocab:
         raise ValueError(f"token ids must lie in [0, {vocab}); got min {ids[real].min()}, max {ids[real].max()}")
-    return lengths
+    return lengths, real
 
 
 def _prepare(model, input_ids, *, max_new_tokens, temperature, top_k, top_p, eos_token_id, rng,
@@ -360,14 +368,14 @@ def _prepare(model, input_ids, *, max_new_tokens, temperature, top_k, top_p, eos
     """Host-side checks; returns (ids, lengths, rng, opts)."""
     ids = np.asarray(input_ids)
     vocab = model.config.vocab_size
-    lengths = _check_prompts(ids, prompt_lengths, vocab)
-    real = np.arange(ids.shape[1])[None, :] < lengths[:, None]
+    lengths, real = _check_prompts(ids, prompt_lengths, vocab)
     ids = np.where(real, ids, 0).astype(np.int32)  # padding values never matter; keep them in range
     max_new_tokens = _integer("max_new_tokens", max_new_tokens)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if not isinstance(temperature, numbers.Real) or not (math.isfinite(temperature) and temperature >= 0):
+    if not isinstance(temperature, numbers.Real):
         raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+    _check_temperature(temperature)
     if top_k is not None and _integer("top_k", top_k) < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not (isinstance(top_p, numbers.Real) and 0.0 < top_p <= 1.0):

@@ -203,7 +203,7 @@ def _merge(tree: dict, update: dict, *, base: dict, origin: str, prefix: str = "
             tree["model"] = copy.deepcopy(v)  # a preset name or a whole inline model: replaces
             continue
         section = key in OPEN_SECTIONS or any(key.startswith(s + ".") for s in OPEN_SECTIONS)
-        if isinstance(v, dict) and isinstance(_lookup(base, key), dict) and not section:
+        if isinstance(v, dict) and isinstance(lookup(base, key), dict) and not section:
             _merge(tree, v, base=base, origin=origin, prefix=f"{key}.")
         elif isinstance(v, dict) and key in OPEN_SECTIONS:
             for name, axes in v.items():
@@ -212,7 +212,8 @@ def _merge(tree: dict, update: dict, *, base: dict, origin: str, prefix: str = "
             _set_dotted(tree, key, copy.deepcopy(v), base=base, origin=origin)
 
 
-def _lookup(tree: dict, key: str):
+def lookup(tree: dict, key: str):
+    """``tree``'s value at dotted ``key`` (``"data.path"``), or None where it has none."""
     node = tree
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:

@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jamba_jax.model import LanguageModel
 from jamba_jax.train import sharding as shd
 from jamba_jax.train.checkpoint import Checkpointer
-from jamba_jax.train.config import ConfigError, TrainConfig, check_devices
+from jamba_jax.train.config import ConfigError, TrainConfig, check_devices, lookup
 from jamba_jax.train.metrics import MetricsWriter, Progress
 from jamba_jax.train.optim import learning_rate_schedule, make_optimizer, with_learning_rate
 
@@ -380,24 +380,18 @@ def _check_resumable(workdir: str, cfg: TrainConfig) -> None:
         return
     with open(path) as f:
         old = yaml.safe_load(f) or {}
-
-    def get(tree: dict, dotted: str):
-        for part in dotted.split("."):
-            tree = tree.get(part) if isinstance(tree, dict) else None
-        return tree
-
     for key in ("model", "param_dtype"):
         if key in old and old[key] != cfg.raw[key]:
             raise ConfigError(f"{key}: differs from the run saved in {workdir} ({path}); its checkpoints cannot "
                               "be restored into this model: use another --workdir")
-    changed = [key for key in DATA_POSITION_KEYS if get(old, key) != get(cfg.raw, key)]
-    if (get(old, "data.eval_path") is None) != (get(cfg.raw, "data.eval_path") is None):
+    changed = [key for key in DATA_POSITION_KEYS if lookup(old, key) != lookup(cfg.raw, key)]
+    if (lookup(old, "data.eval_path") is None) != (lookup(cfg.raw, "data.eval_path") is None):
         changed.append("data.eval_path")
-    elif get(cfg.raw, "data.eval_path") is None and (get(old, "data.eval_fraction")
-                                                      != get(cfg.raw, "data.eval_fraction")):
+    elif lookup(cfg.raw, "data.eval_path") is None and (lookup(old, "data.eval_fraction")
+                                                         != lookup(cfg.raw, "data.eval_fraction")):
         changed.append("data.eval_fraction")
     if changed:
-        was = ", ".join(f"{key}={get(old, key)!r}" for key in changed)
+        was = ", ".join(f"{key}={lookup(old, key)!r}" for key in changed)
         raise ConfigError(f"{changed[0]}: differs from the run saved in {workdir} (it had {was}); its checkpoints "
                           "hold a position in that data pipeline: set these back to resume, or use another --workdir")
 
