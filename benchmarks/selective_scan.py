@@ -24,8 +24,8 @@ cannot beat it, whatever its memory traffic.
 Before timing, the kernels are checked on the GPU against the sequential reference in float32
 (values and all gradients, segments, initial state, l not a multiple of the chunk): the Triton
 forward, unsplit and with the sequence split across programs (forward 4, backward 3 splits),
-and the Mosaic GPU forward with the Triton backward (d = 256); with ``--mgpu`` also the Mosaic GPU forward alone; and at the benchmark shapes
-against ``impl="xla"`` when the baselines run.
+and the Mosaic GPU forward with the Triton backward (d = 256); with ``--mgpu`` also the Mosaic
+GPU forward alone; and at the benchmark shapes against ``impl="xla"`` when the baselines run.
 
 ``--sweep`` times GpuConfig variants after the main rows, each as SHAPE:SEQ_SPLITS:D_BLOCK
 [:UNROLL[:BWD_SEQ_SPLITS]] (SHAPE: a name or an index into the shape list; the other fields
