@@ -13,6 +13,9 @@ Variants (each patches ``pallas_mgpu`` for one compile, then restores it):
                   instead of every step: what the per-step broadcast loads cost
   l2_inputs       every tile's TMA reads tile 0 (served from L2): what HBM reads cost
   copy_only       no recurrence, y = u + delta: the TMA pipeline alone
+  chained         the kernel as shipped, CHAIN forwards in one jitted program (each one's y
+                  the next one's u), per forward: the cost of a call without the per-call
+                  dispatch that the other rows pay
 Rows: Jamba-v0.1 and mamba-130m layer shapes, bf16, median of --reps repetitions of --inner
 calls (``benchmarks/selective_scan.py``'s timer and inputs).
 """
@@ -81,7 +84,18 @@ VARIANTS = {
     "l2_inputs": {"pl": _namespace(pl, BlockSpec=lambda shape, index_map: pl.BlockSpec(
         shape, lambda s: index_map(s * 0)))},
     "copy_only": {"_recurrence": _copy_only},
+    "chained": {},
 }
+
+
+def _chained(impl, count):
+    def f(x):
+        u = x["u"]
+        for _ in range(count):
+            y, s = impl(**{**x, "u": u}, delta_softplus=True)
+            u = y
+        return y, s
+    return jax.jit(f)
 
 
 def time_variant(name, x, args, interpret):
@@ -90,10 +104,12 @@ def time_variant(name, x, args, interpret):
         for k, v in VARIANTS[name].items():
             setattr(pallas_mgpu, k, v)
         jax.clear_caches()
-        fn = bench.fwd_fn(functools.partial(pallas_mgpu.selective_scan_fwd_mgpu, block_l=args.block_l,
-                                            unroll=args.unroll, interpret=interpret))
+        impl = functools.partial(pallas_mgpu.selective_scan_fwd_mgpu, block_l=args.block_l,
+                                 unroll=args.unroll, interpret=interpret)
+        calls = args.chain if name == "chained" else 1
+        fn = _chained(impl, calls) if name == "chained" else bench.fwd_fn(impl)
         sec, (y, _) = bench.timeit(fn, (x,), args.reps, args.inner)
-        return sec * 1e3, y
+        return sec * 1e3 / calls, y
     finally:
         for k, v in saved.items():
             setattr(pallas_mgpu, k, v)
@@ -108,10 +124,11 @@ def main():
     p.add_argument("--block-l", type=int, default=64)
     p.add_argument("--unroll", type=int, default=16)
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--chain", type=int, default=8, help="forwards in one program for 'chained'")
     args = p.parse_args()
     shapes = {"tiny": (1, 64, 128, 16)} if args.tiny else bench.SHAPES
     if args.tiny:
-        args.block_l, args.unroll, args.reps, args.inner = 32, 8, 1, 1
+        args.block_l, args.unroll, args.reps, args.inner, args.chain = 32, 8, 1, 1, 2
     dev = jax.devices()[0]
     print(f"# selective_scan ablation, jax {jax.__version__}, {dev.device_kind}, "
           f"block_l {args.block_l}, unroll {args.unroll}", flush=True)
