@@ -20,12 +20,14 @@ backward's when E is its chunk) go back through double-buffered shared memory an
 stores.
 
 The arithmetic avoids the slow paths of the special-function unit (MUFU, 16 results per
-clock and SM; one 2^x per state and step makes it this loop's floor): a segment reset is
-folded into the decay's exponent, the gate's sigmoid is rsqrt(1 + e^-z)^2 rather than an IEEE
-division, and ``poly_exp`` of the n decays can move to the multiply-add units
-(``pallas_common.exp2_poly``, 128 per clock); measured, that has only been slower so far.
-Pallas' automatic barriers are off (see ``forward_arrays``) and each group of steps stores
-its y rows last (see ``_recurrence``): each of the two had serialised the steps.
+clock and SM, one 2^x per state and step): a segment reset is folded into the decay's
+exponent, the gate's sigmoid is rsqrt(1 + e^-z)^2 rather than an IEEE division, and
+``poly_exp`` of the n decays can move to the multiply-add units (``pallas_common.exp2_poly``,
+128 per clock); measured, that has only been slower so far.  Pallas' automatic barriers are
+off (see ``forward_arrays``) and each group of steps stores its y rows last (see
+``_recurrence``): each of the two had serialised the steps.  What binds now (BENCHMARKS.md,
+session 11, ablations and ncu): instruction issue with one warp per scheduler, eligible in 56%
+of cycles; not HBM, not the B / C broadcasts, and the MUFU for only 10-20% of the time.
 
 Tested on the CPU in JAX's Mosaic GPU interpreter and by lowering for CUDA (which runs the
 Mosaic GPU layout passes); ``benchmarks/selective_scan.py`` checks it on the GPU.
