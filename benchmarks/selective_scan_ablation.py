@@ -1,6 +1,6 @@
 """Where the Mosaic GPU selective-scan forward spends its time: the kernel timed with one part
-left out or made cheap at a time (METHOD: time variants that leave one stage out, and take
-differences).  The ablated kernels compute wrong values; they are for timing only.
+left out or made cheap at a time; the differences place the time without hardware counters.
+The ablated kernels compute wrong values; they are for timing only.
 
     python benchmarks/selective_scan_ablation.py            # on a Hopper GPU
     python benchmarks/selective_scan_ablation.py --tiny     # CPU: interpret mode, a smoke test
@@ -8,7 +8,7 @@ differences).  The ablated kernels compute wrong values; they are for timing onl
 Variants (each patches ``pallas_mgpu`` for one compile, then restores it):
   kernel          the forward as shipped (``selective_scan_fwd_mgpu``, 64-step tiles, unroll 16)
   fma_exp         every 2^x of the recurrence and the gate an FMA instead of a MUFU.EX2
-                  (softplus keeps its one): what the special-function unit costs
+                  (softplus's 2^x and the gate's rsqrt stay): what the special-function unit costs
   bc_per_group    B[t, :] and C[t, :] read from shared memory once per group of unrolled steps
                   instead of every step: what the per-step broadcast loads cost
   l2_inputs       every tile's TMA reads tile 0 (served from L2): what HBM reads cost
