@@ -41,6 +41,7 @@ import dataclasses
 import datetime
 import functools
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -57,12 +58,11 @@ import numpy as np  # noqa: E402
 from pallas_kernels.cross_lowering import cuda_target  # noqa: E402
 from pallas_kernels.gpu_splits import num_sms  # noqa: E402
 from pallas_kernels.selective_scan import selective_scan_reference, selective_scan_xla  # noqa: E402
-from pallas_kernels.selective_scan.pallas_mgpu import SMEM_BYTES as MGPU_SMEM_BYTES  # noqa: E402
 from pallas_kernels.selective_scan.pallas_mgpu import selective_scan_fwd_mgpu  # noqa: E402
-from pallas_kernels.selective_scan.pallas_mgpu import smem_bytes as mgpu_smem_bytes  # noqa: E402
 from pallas_kernels.selective_scan.pallas_gpu import (  # noqa: E402
     GpuConfig,
     default_seq_splits,
+    mgpu_tile,
     selective_scan_pallas_gpu,
 )
 
@@ -199,12 +199,11 @@ def check_small(interpret, config=None, d=64):
 
 def check_mgpu_small(interpret, block_l=16, poly_exp=0, unroll=1):
     """The Mosaic GPU forward in float32 vs the sequential reference.  A tile too long for
-    float32 tiles in shared memory is halved until it fits (unroll with it)."""
+    float32 tiles in shared memory is shortened as the backend does (``mgpu_tile``)."""
     b, l, d, n = 2, 203, 256, 16
-    while mgpu_smem_bytes(block_l, n, [4, 4, 4], 4, has_keep=True, consts_rows=n + 2,
-                          ckpt_every=None, stages=2) > MGPU_SMEM_BYTES:
-        block_l //= 2
-    unroll = min(unroll, block_l)
+    block_l, _ = mgpu_tile(GpuConfig(forward="mgpu", mgpu_block_l=block_l), l, n, [4, 4, 4], 4,
+                           has_keep=True, consts_rows=2)
+    unroll = math.gcd(unroll, block_l)
     x = make_inputs(1, b, l, d, n, jnp.float32)
     x["initial_state"] = jnp.asarray(np.random.default_rng(2).standard_normal((b, d, n)), jnp.float32)
     seg = np.zeros((b, l), np.int32)

@@ -334,7 +334,7 @@ def _check_temperature(temperature) -> None:
 
 def _integer(name: str, value) -> int:
     """``value`` as an int, or ``ValueError`` (not a silent truncation of 2.7, nor a list)."""
-    if isinstance(value, (numbers.Integral, np.integer)) and not isinstance(value, bool):
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return int(value)
     if isinstance(value, (np.ndarray, jax.Array)) and value.shape == () and np.issubdtype(value.dtype, np.integer):
         return int(value)
@@ -386,7 +386,7 @@ def _prepare(model, input_ids, *, max_new_tokens, temperature, top_k, top_p, eos
     state_dtype = check_state_dtype(state_dtype).name
     if rng is None:
         rng = jax.random.key(0)
-    elif isinstance(rng, (numbers.Integral, np.integer)):
+    elif isinstance(rng, numbers.Integral):          # numpy integers are Integral too
         rng = jax.random.key(int(rng))
     opts = GenerationOptions(
         max_new_tokens=max_new_tokens, temperature=float(temperature),
