@@ -11,7 +11,7 @@ delta_softplus with a bias, like a Mamba block.  Timed: ``impl="pallas_gpu"`` (a
 configurations), ``impl="xla"`` (chunked associative scan) and ``impl="reference"`` (one
 lax.scan step per token), forward alone and forward + backward (the gradient of every
 input).  Each time is the median over ``--reps`` repetitions after a warm-up, each
-repetition averaging ``--inner`` back-to-back calls.
+repetition averaging ``--inner`` back-to-back calls (default: as many as fill 0.2 s).
 
 The memory floor is the time to move each operand once at ``--bandwidth`` bytes/s:
 forward reads u, delta, B, C, z and writes y; forward + backward also reads dy and writes
@@ -124,9 +124,17 @@ def fwd_bwd_fn(impl):
     return jax.jit(f)
 
 
-def timeit(fn, args, reps, inner):
+def timeit(fn, args, reps, inner=None, rep_seconds=0.2):
+    """Median seconds per call over ``reps`` repetitions, each ``inner`` back-to-back calls
+    ended by one ``block_until_ready``.  ``inner=None``: as many calls as fill ``rep_seconds``
+    (at most 1000), so each repetition's dispatch and synchronisation are spread over enough
+    calls not to count: at 3 calls per repetition they had added ~0.09 ms to a 0.46 ms kernel
+    (BENCHMARKS.md, selective scan, session 12)."""
     out = jax.block_until_ready(fn(*args))            # warm-up (compiles)
+    t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
+    if inner is None:
+        inner = max(1, min(1000, math.ceil(rep_seconds / max(time.perf_counter() - t0, 1e-6))))
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -220,7 +228,8 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tiny", action="store_true", help="CPU smoke test in interpret mode")
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--inner", type=int, default=3)
+    p.add_argument("--inner", type=int, default=None,
+                   help="calls per repetition (default: enough to fill 0.2 s)")
     p.add_argument("--bandwidth", type=float, default=3.0e12, help="bytes/s for the memory floor")
     p.add_argument("--sfu-per-clock", type=int, default=16,
                    help="special-function results per clock and SM, for the SFU floor")
@@ -329,10 +338,10 @@ def main():
                 f"{floors['fwd+bwd'] * 1e3:.3f} ms; SFU floor fwd {sfu_floor * 1e3:.3f} ms")
             ref_out = {}
 
-            def record(impl_name, mode, fn, fargs, inner, compare=True):
+            def record(impl_name, mode, fn, fargs, compare=True):
                 t0 = time.time()
                 try:
-                    sec, out = timeit(fn, fargs, args.reps, inner)
+                    sec, out = timeit(fn, fargs, args.reps)
                 except Exception as e:  # keep going: a failed variant must not lose the rest
                     log(f"{name} {mode} {impl_name}: FAILED {type(e).__name__}: {str(e)[:2000]}")
                     traceback.print_exc()
@@ -358,18 +367,16 @@ def main():
 
             # XLA paths first: their outputs are the comparison baseline.
             xla = functools.partial(selective_scan_xla)
-            slow_inner = 1
             if not args.skip_baselines:
-                o = record("xla", "fwd", fwd_fn(xla), (x,), slow_inner, compare=False)
+                o = record("xla", "fwd", fwd_fn(xla), (x,), compare=False)
                 if o is not None:
                     ref_out["fwd"] = o
-                o = record("xla", "fwd+bwd", fwd_bwd_fn(xla), (x, dy), slow_inner, compare=False)
+                o = record("xla", "fwd+bwd", fwd_bwd_fn(xla), (x, dy), compare=False)
                 if o is not None:
                     ref_out["fwd+bwd"] = o
                 del o
-                record("reference", "fwd", fwd_fn(selective_scan_reference), (x,), slow_inner)
-                record("reference", "fwd+bwd", fwd_bwd_fn(selective_scan_reference), (x, dy),
-                       slow_inner)
+                record("reference", "fwd", fwd_fn(selective_scan_reference), (x,))
+                record("reference", "fwd+bwd", fwd_bwd_fn(selective_scan_reference), (x, dy))
 
             best = None
             for i, fv in enumerate(fwd_variants):
@@ -383,7 +390,7 @@ def main():
                 S = default_seq_splits(b, l, d, 1, cfg)[0]
                 label = f"pallas fwd(db={fv[0]},w={fv[1]},u={fv[2]}{pf},S={S})"
                 before = len(rows)
-                record(label, "fwd", fwd_fn(impl), (x,), args.inner)
+                record(label, "fwd", fwd_fn(impl), (x,))
                 if len(rows) > before and (best is None or rows[-1]["ms"] < best):
                     best, best_fv = rows[-1]["ms"], fv
             best_b = None
@@ -397,7 +404,7 @@ def main():
                 S, SB = default_seq_splits(b, l, d, 1, cfg)
                 label = f"pallas bwd(db={bv[0]},w={bv[1]},K={bv[2]}/{bv[3]},S={SB};fwd S={S})"
                 before = len(rows)
-                record(label, "fwd+bwd", fwd_bwd_fn(impl), (x, dy), args.inner)
+                record(label, "fwd+bwd", fwd_bwd_fn(impl), (x, dy))
                 if len(rows) > before and (best_b is None or rows[-1]["ms"] < best_b):
                     best_b, best_bv = rows[-1]["ms"], bv
             best_m = None    # (ms, K, stages, poly_exp, unroll) usable with our backward
@@ -407,7 +414,7 @@ def main():
                                          interpret=interpret)
                 before = len(rows)
                 record(f"mgpu fwd(K={K},stages={stages},poly={poly},unroll={unroll})", "fwd",
-                       fwd_fn(impl), (x,), args.inner)
+                       fwd_fn(impl), (x,))
                 chunk = gpu_cfg(best_fv, best_bv).chunk      # the backward's checkpoints
                 if (len(rows) > before and K % chunk == 0 and chunk % unroll == 0
                         and (best_m is None or rows[-1]["ms"] < best_m[0])):
@@ -420,7 +427,7 @@ def main():
                 impl = functools.partial(selective_scan_pallas_gpu, interpret=interpret,
                                          config=cfg)
                 record(f"mgpu fwd(K={K},stages={stages},poly={poly},unroll={unroll}) + pallas bwd",
-                       "fwd+bwd", fwd_bwd_fn(impl), (x, dy), args.inner)
+                       "fwd+bwd", fwd_bwd_fn(impl), (x, dy))
             # later shapes: only the fastest variants
             fwd_variants, bwd_variants = [best_fv], [best_bv]
             del x, dy, ref_out
@@ -495,7 +502,7 @@ def sweep(args, shapes, fv, bv, interpret, start, rows, save):
         for mode, fn, fargs in modes:
             t0 = time.time()
             try:
-                sec, out = timeit(fn, fargs, args.reps, args.inner)
+                sec, out = timeit(fn, fargs, args.reps)
             except Exception as e:  # keep going: a failed variant must not lose the rest
                 log(f"sweep {item} {mode}: FAILED {type(e).__name__}: {str(e)[:2000]}")
                 traceback.print_exc()

@@ -47,7 +47,7 @@ def main():
     p.add_argument("baseline", help="an earlier pallas_gpu.py")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test in interpret mode")
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--inner", type=int, default=5)
+    p.add_argument("--inner", type=int, default=None, help="calls per repetition (default: 0.2 s)")
     args = p.parse_args()
     modules = {"before": load_baseline(args.baseline), "after": pallas_gpu}
     shapes = bench.TINY_SHAPES if args.tiny else bench.SHAPES

@@ -17,13 +17,16 @@ Variants (each patches ``pallas_mgpu`` for one compile, then restores it):
                   the next one's u), per forward: the cost of a call without the per-call
                   dispatch that the other rows pay
 Rows: Jamba-v0.1 and mamba-130m layer shapes, bf16, median of --reps repetitions of --inner
-calls (``benchmarks/selective_scan.py``'s timer and inputs).
+calls (``benchmarks/selective_scan.py``'s timer and inputs), with the SM clock and power
+sampled during the timing.
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import os
+import statistics
+import subprocess
 import sys
 import types
 
@@ -98,6 +101,39 @@ def _chained(impl, count):
     return jax.jit(f)
 
 
+class SmClockLog:
+    """nvidia-smi's SM clock and board power, sampled every 10 ms while a row is timed: the
+    clock under sustained load, which a reading taken before or after the timings (idle, at the
+    maximum boost clock) does not show.  ``summary`` is "" where nvidia-smi is absent."""
+
+    def __enter__(self):
+        try:
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
+                 "-lms", "10"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            self.proc = None
+        return self
+
+    def __exit__(self, *exc):
+        self.summary = ""
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        out, _ = self.proc.communicate()
+        samples = []
+        for line in out.splitlines():
+            try:
+                mhz, watts = (float(v) for v in line.split(","))
+            except ValueError:
+                continue
+            samples.append((mhz, watts))
+        if samples:
+            mhz, watts = zip(*samples)
+            self.summary = (f"SM clock median {statistics.median(mhz):.0f} MHz (min {min(mhz):.0f}), "
+                            f"power median {statistics.median(watts):.0f} W, {len(samples)} samples")
+
+
 def time_variant(name, x, args, interpret):
     saved = {k: getattr(pallas_mgpu, k) for k in VARIANTS[name]}
     try:
@@ -108,8 +144,10 @@ def time_variant(name, x, args, interpret):
                                  unroll=args.unroll, interpret=interpret)
         calls = args.chain if name == "chained" else 1
         fn = _chained(impl, calls) if name == "chained" else bench.fwd_fn(impl)
-        sec, (y, _) = bench.timeit(fn, (x,), args.reps, args.inner)
-        return sec * 1e3 / calls, y
+        jax.block_until_ready(fn(x))                  # compiled before the clock is sampled
+        with SmClockLog() as clock:
+            sec, (y, _) = bench.timeit(fn, (x,), args.reps, args.inner)
+        return sec * 1e3 / calls, y, clock.summary
     finally:
         for k, v in saved.items():
             setattr(pallas_mgpu, k, v)
@@ -120,7 +158,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tiny", action="store_true", help="CPU smoke test in interpret mode")
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--inner", type=int, default=3)
+    p.add_argument("--inner", type=int, default=None, help="calls per repetition (default: 0.2 s)")
     p.add_argument("--block-l", type=int, default=64)
     p.add_argument("--unroll", type=int, default=16)
     p.add_argument("--variants", default=",".join(VARIANTS))
@@ -137,13 +175,13 @@ def main():
         x = bench.make_inputs(7, *shape, f32 if args.tiny else jnp.bfloat16)
         y_kernel = None
         for name in args.variants.split(","):
-            ms, y = time_variant(name, x, args, args.tiny)
+            ms, y, clock = time_variant(name, x, args, args.tiny)
             if name == "kernel":
                 y_kernel = y
             # an ablation whose y equals the kernel's did not take effect
             diff = f"y differs from the kernel's by {bench.rel(y, y_kernel):.1e}" if y_kernel is not None else ""
             table.append((shape_name, name, ms))
-            print(f"{shape_name:11s} {name:13s} {ms:8.3f} ms  {diff}", flush=True)
+            print(f"{shape_name:11s} {name:13s} {ms:8.3f} ms  {diff}  {clock}", flush=True)
     base = {s: ms for s, n, ms in table if n == "kernel"}
     print("\nshape       variant       ms      vs kernel")
     for shape_name, name, ms in table:
