@@ -1,7 +1,7 @@
 """Selective-scan forward as a Pallas Mosaic GPU kernel (Hopper): the GPU default forward.
 
-On one H200 it takes 0.53 ms at a Jamba-v0.1 layer and 0.30 ms at a mamba-130m layer, against
-1.14 / 0.62 ms for the Triton forward (BENCHMARKS.md, selective scan, session 9).
+On one H100 it takes 0.47 ms at a Jamba-v0.1 layer and 0.25 ms at a mamba-130m layer, against
+1.05 / 0.52 ms for the Triton forward (BENCHMARKS.md, selective scan, session 12).
 
 Why: the Triton-lowered forward (``pallas_gpu``) is bound by load latency. ptxas places the
 prefetch loads late, and with b * d / 16 one-warp programs there are only ~2 warps per
@@ -26,8 +26,9 @@ exponent, the gate's sigmoid is rsqrt(1 + e^-z)^2 rather than an IEEE division, 
 128 per clock); measured, that has only been slower so far.  Pallas' automatic barriers are
 off (see ``forward_arrays``) and each group of steps stores its y rows last (see
 ``_recurrence``): each of the two had serialised the steps.  What binds now (BENCHMARKS.md,
-session 11, ablations and ncu): instruction issue with one warp per scheduler, eligible in 56%
-of cycles; not HBM, not the B / C broadcasts, and the MUFU for only 10-20% of the time.
+sessions 11-12, ablations and ncu): instruction issue with one warp per scheduler, eligible in
+56% of cycles, a step taking 222 cycles against the 152 of its 19 MUFU instructions; not HBM
+and not the B / C broadcasts.
 
 Tested on the CPU in JAX's Mosaic GPU interpreter and by lowering for CUDA (which runs the
 Mosaic GPU layout passes); ``benchmarks/selective_scan.py`` checks it on the GPU.
