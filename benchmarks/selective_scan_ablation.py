@@ -4,6 +4,8 @@ The ablated kernels compute wrong values; they are for timing only.
 
     python benchmarks/selective_scan_ablation.py            # on a Hopper GPU
     python benchmarks/selective_scan_ablation.py --tiny     # CPU: interpret mode, a smoke test
+    ncu -k regex:mosaic -c 1 python benchmarks/selective_scan_ablation.py --variants kernel \
+        --shapes jamba-v0.1 --reps 1 --inner 1              # a profiler's view of one call
 
 Variants (each patches ``pallas_mgpu`` for one compile, then restores it):
   kernel          the forward as shipped (``selective_scan_fwd_mgpu``, 64-step tiles, unroll 16)
@@ -163,8 +165,10 @@ def main():
     p.add_argument("--unroll", type=int, default=16)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--chain", type=int, default=8, help="forwards in one program for 'chained'")
+    p.add_argument("--shapes", default=",".join(bench.SHAPES), help="comma-separated shape names")
     args = p.parse_args()
-    shapes = {"tiny": (1, 64, 128, 16)} if args.tiny else bench.SHAPES
+    shapes = ({"tiny": (1, 64, 128, 16)} if args.tiny
+              else {k: bench.SHAPES[k] for k in args.shapes.split(",")})
     if args.tiny:
         args.block_l, args.unroll, args.reps, args.inner, args.chain = 32, 8, 1, 1, 2
     dev = jax.devices()[0]
