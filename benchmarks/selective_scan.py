@@ -341,7 +341,7 @@ def main():
             def record(impl_name, mode, fn, fargs, compare=True):
                 t0 = time.time()
                 try:
-                    sec, out = timeit(fn, fargs, args.reps)
+                    sec, out = timeit(fn, fargs, args.reps, args.inner)
                 except Exception as e:  # keep going: a failed variant must not lose the rest
                     log(f"{name} {mode} {impl_name}: FAILED {type(e).__name__}: {str(e)[:2000]}")
                     traceback.print_exc()
@@ -502,7 +502,7 @@ def sweep(args, shapes, fv, bv, interpret, start, rows, save):
         for mode, fn, fargs in modes:
             t0 = time.time()
             try:
-                sec, out = timeit(fn, fargs, args.reps)
+                sec, out = timeit(fn, fargs, args.reps, args.inner)
             except Exception as e:  # keep going: a failed variant must not lose the rest
                 log(f"sweep {item} {mode}: FAILED {type(e).__name__}: {str(e)[:2000]}")
                 traceback.print_exc()
