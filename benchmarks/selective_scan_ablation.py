@@ -16,8 +16,8 @@ Variants (each patches ``pallas_mgpu`` for one compile, then restores it):
   l2_inputs       every tile's TMA reads tile 0 (served from L2): what HBM reads cost
   copy_only       no recurrence, y = u + delta: the TMA pipeline alone
   chained         the kernel as shipped, CHAIN forwards in one jitted program (each one's y
-                  the next one's u), per forward: the cost of a call without the per-call
-                  dispatch that the other rows pay
+                  the next one's u), per forward: a call's cost with no dispatch or
+                  synchronisation between calls (the other rows spread theirs over a repetition)
 Rows: Jamba-v0.1 and mamba-130m layer shapes, bf16, median of --reps repetitions of --inner
 calls (``benchmarks/selective_scan.py``'s timer and inputs), with the SM clock and power
 sampled during the timing.
